@@ -1,0 +1,87 @@
+"""Compiles every kernel specialization the launcher can choose for sm_80 and sm_90, no GPU needed.
+
+    python -m cfg_triton.aot [--arch 80 90] [--json]
+
+Prints, per specialization and architecture, registers, spill bytes (local memory and stack) and
+shared memory, as read from the cubin by the `cuobjdump` shipped in the Triton wheel. Exits 1 if
+any specialization spills. Run it with TRITON_INTERPRET unset: interpreted kernels cannot compile.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+
+def _resources(cubin: bytes) -> dict:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    if not found:
+        raise RuntimeError(f"cuobjdump printed no resource line:\n{text}")
+    regs, stack, shared, local = map(int, found.groups())
+    return {"registers": regs, "stack": stack, "shared": shared, "local": local}
+
+
+def compile_all(archs=(80, 90)):
+    """One dict per (specialization, arch, alignment) with its resources."""
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .kernels import guidance
+
+    rows = []
+    for kernel, signature, constexprs, num_warps in guidance.specializations():
+        for aligned in (True, False):
+            # The JIT marks pointers and ints divisible by 16; compile both that and the unaligned case.
+            attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values())
+                     if aligned and (t.startswith("*") or t == "i32")}
+            for arch in archs:
+                src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+                compiled = triton_compile(src, target=GPUTarget("cuda", arch, 32),
+                                          options={"num_warps": num_warps})
+                rows.append({
+                    "kernel": kernel.__name__,
+                    "arch": f"sm_{arch}",
+                    "aligned": aligned,
+                    "dtypes": {k: v for k, v in signature.items() if v.startswith("*")},
+                    "constexprs": {k: v for k, v in constexprs.items() if v is not None},
+                    "num_warps": num_warps,
+                    **_resources(compiled.asm["cubin"]),
+                })
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    rows = compile_all(args.arch)
+    if args.json:
+        json.dump(rows, sys.stdout)
+    else:
+        for r in rows:
+            spec = " ".join(f"{k}={v}" for k, v in r["constexprs"].items() if k not in ("BLOCK", "MAX_SPLITS"))
+            print(f"{r['kernel']:24} {r['arch']} {'aligned' if r['aligned'] else 'unaligned':9} "
+                  f"{r['dtypes']['c_ptr']:6} {r['dtypes'].get('out_ptr', '-'):6} {spec:45} "
+                  f"regs={r['registers']:3} spill={r['local'] + r['stack']} smem={r['shared']}")
+    return 1 if any(r["local"] or r["stack"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""`cfg_triton.guidance`: validation, the registered torch op, and dispatch to Triton or torch."""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional
+
+import torch
+
+from . import torch_impl
+from .modes import INTERPOLATED, NORMALIZED, RAW
+
+try:  # Triton has wheels for Linux only; elsewhere the torch path serves every device.
+    from .kernels import guidance as _kernels
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    _kernels = None
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+# The interpreter has no SMs; pretend to have a few so that small batches still split the vocabulary.
+_INTERPRETER_SMS = 8
+
+
+def triton_available() -> bool:
+    return _kernels is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def uses_triton(t: torch.Tensor) -> bool:
+    """Whether `guidance` on tensors like `t` runs the Triton kernels (else the torch path)."""
+    if _kernels is None or t.dtype not in _TRITON_FLOATS:
+        return False
+    return t.is_cuda or (t.device.type == "cpu" and _interpreting())
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _INTERPRETER_SMS
+
+
+def _run_triton(cond, uncond, gamma_rows, gamma, mix_rows, mix, mode, out_dtype):
+    batch, vocab = cond.shape
+    out = torch.empty((batch, vocab), dtype=out_dtype, device=cond.device)
+    n_splits, split_len = _kernels.plan(batch, vocab, _num_sms(cond.device))
+    stats = torch.empty(batch * n_splits * _kernels.STATS if mode != RAW else 1,
+                        dtype=torch.float32, device=cond.device)
+    with torch.cuda.device(cond.device) if cond.is_cuda else _nullcontext():
+        _kernels.launch(cond, uncond, out, stats, mode, gamma, gamma_rows, mix, mix_rows,
+                        n_splits, split_len)
+    return out
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@torch.library.custom_op("cfg_triton::guidance", mutates_args=())
+def _guidance_op(
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    gamma_rows: Optional[torch.Tensor],
+    gamma: float,
+    mix_rows: Optional[torch.Tensor],
+    mix: float,
+    mode: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    if cond.shape[0] == 0:
+        return torch.empty(cond.shape, dtype=out_dtype, device=cond.device)
+    if uses_triton(cond):
+        return _run_triton(cond, uncond, gamma_rows, gamma, mix_rows, mix, mode, out_dtype)
+    g = gamma if gamma_rows is None else gamma_rows[:, None]
+    a = mix if mix_rows is None else mix_rows[:, None]
+    return torch_impl.guidance(cond, uncond, g, a, mode, out_dtype)
+
+
+@_guidance_op.register_fake
+def _(cond, uncond, gamma_rows, gamma, mix_rows, mix, mode, out_dtype):
+    return cond.new_empty(cond.shape, dtype=out_dtype)
+
+
+def _check_logits(cond, uncond) -> None:
+    for name, t in (("cond", cond), ("uncond", uncond)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64 logits, got {t.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be [B, V] (reshape [B, T, V] to [B*T, V]), got shape "
+                             f"{tuple(t.shape)}")
+    if cond.dtype != uncond.dtype:
+        raise TypeError(f"cond and uncond must share a dtype, got {cond.dtype} and {uncond.dtype}")
+    if cond.device != uncond.device:
+        raise ValueError(f"cond and uncond must be on one device, got {cond.device} and {uncond.device}")
+    if cond.shape[1] != uncond.shape[1]:
+        raise ValueError(f"cond and uncond have different vocabularies: V = {cond.shape[1]} and "
+                         f"{uncond.shape[1]}")
+    if cond.shape[0] != uncond.shape[0]:
+        raise ValueError(f"cond and uncond have different batch sizes: {cond.shape[0]} and "
+                         f"{uncond.shape[0]}")
+
+
+def _per_row(name: str, value, like: torch.Tensor, unit_interval: bool):
+    """A scalar or per-row `[B]` argument -> (float, None) or (0.0, fp32 `[B]` tensor on like's device)."""
+    def bad(what):
+        return ValueError(f"{name} must be {what}")
+
+    batch = like.shape[0]
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a real number or a tensor of real numbers, got {value.dtype}")
+        if value.device != like.device:
+            raise ValueError(f"{name} is on device {value.device} but the logits are on {like.device}")
+        if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
+            raise ValueError(f"{name} must be a scalar or a [B] tensor with B = {batch}, got shape "
+                             f"{tuple(value.shape)}")
+        rows = value.to(torch.float32).expand(batch).contiguous()
+        # Value checks read the tensor (a device sync); skipped only while torch.compile traces.
+        if not torch.compiler.is_compiling():
+            if not bool(torch.isfinite(rows).all()):
+                raise bad("finite")
+            if unit_interval and not bool(((rows >= 0) & (rows <= 1)).all()):
+                raise bad("in [0, 1]")
+        return 0.0, rows
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number or a [B] tensor, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise bad(f"finite, got {value}")
+    if unit_interval and not 0.0 <= value <= 1.0:
+        raise bad(f"in [0, 1], got {value}")
+    return value, None
+
+
+def guidance(
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    guidance_scale,
+    *,
+    mix=None,
+    normalize: bool = True,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Classifier-free guidance of next-token logits, fused into one read of both branches.
+
+    Args:
+        cond: `[B, V]` logits given the prompt; float16, bfloat16, float32 or float64. Rows may be
+            strided (`logits[:, -1, :]`, or the halves of a stacked `[2B, V]` tensor) at no copy.
+        uncond: `[B, V]` logits of the unconditional or negative-prompt branch; same dtype, device.
+        guidance_scale: γ, a finite float or a `[B]` tensor (one γ per row).
+        mix: α in [0, 1] (float or `[B]` tensor) for the interpolated semantics, else None.
+        normalize: with `mix=None`, whether to normalize (see below).
+        out_dtype: dtype of the result (float32 by default; math is float32, float64 for float64).
+
+    Returns `[B, V]` in `out_dtype`, per row, with `cl = log_softmax(cond)`, `ul = log_softmax(uncond)`:
+        * `normalize=False, mix=None`: raw CFG `u + γ (c − u)`;
+        * `normalize=True, mix=None`: normalized CFG `g = ul + γ (cl − ul)`;
+        * `mix=α`: `α · log_softmax(g) + (1 − α) · cl`; at γ = 1 this is `cl` for every α.
+
+    Masked tokens and non-finite input:
+        * a token that is `-inf` in `cond` is `-inf` in the output, for every γ and α;
+        * a token that is `-inf` only in `uncond` gets no guidance: its unconditional log-probability
+          is taken to be its conditional one (`ul_i := cl_i`; raw mode `u_i := c_i`), so its output is
+          its conditional score (`c_i` raw, `cl_i` normalized; the interpolated variant then
+          renormalizes as usual);
+        * a row that is all `-inf` in `cond` comes out all `-inf`;
+        * NaN or `+inf` in a row's input makes that row's output NaN (raw mode: that element); it is
+          not checked for, so that the op never syncs.
+
+    CUDA tensors run the Triton kernels; CPU tensors run the torch path (with `TRITON_INTERPRET=1`
+    they run the Triton kernels in Triton's interpreter); float64 always runs the torch path.
+    A last dimension that is not contiguous is copied first.
+    """
+    if mix is not None and not normalize:
+        raise ValueError("mix interpolates normalized CFG; it cannot be combined with normalize=False")
+    if not isinstance(out_dtype, torch.dtype) or out_dtype not in _FLOATS:
+        raise TypeError(f"out_dtype must be a floating dtype, got {out_dtype}")
+    _check_logits(cond, uncond)
+    mode = INTERPOLATED if mix is not None else NORMALIZED if normalize else RAW
+    gamma, gamma_rows = _per_row("guidance_scale", guidance_scale, cond, unit_interval=False)
+    mix_value, mix_rows = _per_row("mix", 0.0 if mix is None else mix, cond, unit_interval=True)
+    if cond.stride(1) != 1:
+        cond = cond.contiguous()
+    if uncond.stride(1) != 1:
+        uncond = uncond.contiguous()
+    return torch.ops.cfg_triton.guidance(cond, uncond, gamma_rows, gamma, mix_rows, mix_value, mode,
+                                         out_dtype)

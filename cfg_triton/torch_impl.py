@@ -1,0 +1,91 @@
+"""Guidance on the torch path (CPU, or float64 anywhere): the one-pass identities, written in torch.
+
+For finite inputs every semantics is an affine combination of the two logits plus a row constant
+(GUIDANCE.md §2), so the output is one `lerp` (two for the interpolated variant), a subtraction of
+row constants, and one or two row log-sum-exps computed through a small reused scratch buffer.
+Rows holding `-inf`, NaN or `+inf` take a slower path that applies the masking policy token by token.
+"""
+from __future__ import annotations
+
+import torch
+
+from .modes import INTERPOLATED, NORMALIZED, RAW
+
+NEG_INF = float("-inf")
+# Row block for the log-sum-exp scratch: small enough to stay in cache, large enough to amortize
+# per-op overhead.
+_SCRATCH_ELEMENTS = 1 << 20
+
+
+def _row_lse(x: torch.Tensor) -> torch.Tensor:
+    """`[B, V]` finite -> `[B, 1]` log-sum-exp, without a `[B, V]` temporary."""
+    top = x.amax(dim=-1, keepdim=True)
+    rows = max(1, _SCRATCH_ELEMENTS // max(x.shape[-1], 1))
+    scratch = torch.empty((min(rows, x.shape[0]), x.shape[-1]), dtype=x.dtype, device=x.device)
+    sums = torch.empty_like(top)
+    for i in range(0, x.shape[0], rows):
+        part = scratch[: min(rows, x.shape[0] - i)]
+        torch.sub(x[i : i + rows], top[i : i + rows], out=part).exp_()
+        torch.sum(part, dim=-1, keepdim=True, out=sums[i : i + rows])
+    return sums.log_().add_(top)
+
+
+def _finite(*tensors: torch.Tensor) -> bool:
+    # A sum is finite only if every term is (a huge finite row may overflow to inf: that merely
+    # takes the exact masked path).
+    return all(bool(torch.isfinite(t.sum())) for t in tensors)
+
+
+def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    top = torch.maximum(a, b)
+    ref = torch.where(top == NEG_INF, torch.zeros_like(top), top)
+    return ref + torch.log(torch.exp(a - ref) + torch.exp(b - ref))
+
+
+def _masked(c, u, gamma, mix, mode):
+    """The masking policy, token by token (see `cfg_triton.guidance`)."""
+    nan = torch.tensor(float("nan"), dtype=c.dtype, device=c.device)
+    c = torch.where(c == float("inf"), nan, c)  # +inf has no distribution: treat it as NaN
+    u = torch.where(u == float("inf"), nan, u)
+    c_live, u_live = c != NEG_INF, u != NEG_INF
+    h = torch.lerp(u, c, gamma)
+    if mode == RAW:
+        val = torch.where(u_live, h, c)
+    else:
+        lse_c = torch.logsumexp(c, dim=-1, keepdim=True)
+        lse_u = torch.logsumexp(u, dim=-1, keepdim=True)
+        z = lse_c + (1 - gamma) * (lse_u - lse_c)
+        if mode == NORMALIZED:
+            val = torch.where(u_live, h - z, c - lse_c)
+        else:
+            lse_h = torch.logsumexp(torch.where(u_live & c_live, h, NEG_INF), dim=-1, keepdim=True)
+            lse_m = torch.logsumexp(torch.where(u_live, NEG_INF, c), dim=-1, keepdim=True)
+            live_mass = torch.where(lse_h == NEG_INF, lse_h, lse_h - z)
+            masked_mass = torch.where(lse_m == NEG_INF, lse_m, lse_m - lse_c)
+            lse_g = _logaddexp(live_mass, masked_mass)
+            live_const = torch.where(masked_mass == NEG_INF, lse_h, z + lse_g)
+            cl = c - lse_c
+            gl = torch.where(u_live, h - live_const, cl - lse_g)
+            val = cl + mix * (gl - cl)
+    return torch.where(c_live, val, NEG_INF)
+
+
+def guidance(cond, uncond, gamma, mix, mode, out_dtype):
+    """`cond`, `uncond`: `[B, V]` float; `gamma`, `mix`: floats or `[B, 1]` tensors. See the op."""
+    compute = torch.float64 if cond.dtype == torch.float64 else torch.float32
+    c, u = cond.to(compute), uncond.to(compute)
+    if isinstance(gamma, torch.Tensor):
+        gamma = gamma.to(compute)
+    if isinstance(mix, torch.Tensor):
+        mix = mix.to(compute)
+    if not _finite(c, u):
+        return _masked(c, u, gamma, mix, mode).to(out_dtype)
+    out = torch.lerp(u, c, gamma)  # h = u + γ (c - u); exactly c at γ = 1
+    if mode == NORMALIZED:
+        lse_c, lse_u = _row_lse(c), _row_lse(u)
+        out.sub_(lse_c + (1 - gamma) * (lse_u - lse_c))
+    elif mode == INTERPOLATED:
+        lse_c, lse_h = _row_lse(c), _row_lse(out)
+        torch.lerp(c, out, mix, out=out)
+        out.sub_(lse_c + mix * (lse_h - lse_c))  # exactly lse_c when h == c
+    return out.to(out_dtype)

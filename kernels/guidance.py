@@ -1,0 +1,239 @@
+"""Fused classifier-free guidance over the vocabulary: a statistics pass, then a write pass.
+
+Every semantics is, per row, an affine combination of the raw logits plus a row constant, so one read
+of `cond` and `uncond` gathers all the row statistics (online log-sum-exps) and a second pass writes
+the result. Rows are split across programs along the vocabulary when the batch alone would leave SMs
+idle; the write pass merges the per-split statistics of its row before writing.
+
+Statistics kept per (row, split), each a (max, sum of exp(x - max)) pair:
+    c    log-sum-exp of cond                                     (normalized, interpolated)
+    u    log-sum-exp of uncond                                   (normalized, interpolated)
+    h    log-sum-exp of h = c + (1 - γ)(u - c) over live tokens  (interpolated)
+    m    log-sum-exp of cond over tokens masked only in uncond   (interpolated; shares c's max)
+"""
+import triton
+import triton.language as tl
+
+from cfg_triton.modes import INTERPOLATED, NORMALIZED, RAW
+
+_RAW = tl.constexpr(RAW)
+_NORMALIZED = tl.constexpr(NORMALIZED)
+_INTERPOLATED = tl.constexpr(INTERPOLATED)
+STATS = 8  # floats per (row, split): c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum, unused
+MAX_SPLITS = 128
+BLOCK = 2048
+NUM_WARPS = 8
+
+
+@triton.jit
+def _online_step(running_max, x):
+    """Folds a tile into a running max; returns (new max, rescale of old sums, exp(x - new max))."""
+    new_max = tl.maximum(running_max, tl.max(x, axis=0))
+    # While everything seen is -inf the reference point is 0, so exp() sees -inf, never -inf - -inf.
+    ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+    return new_max, tl.exp(running_max - ref), tl.exp(x - ref)
+
+
+@triton.jit
+def _merge_splits(stats_row, max_slot: tl.constexpr, sum_slot: tl.constexpr, n_splits,
+                  MAX_SPLITS: tl.constexpr):
+    """Log-sum-exp of one statistic from its per-split (max, sum) pairs."""
+    j = tl.arange(0, MAX_SPLITS)
+    live = j < n_splits
+    m = tl.load(stats_row + j * 8 + max_slot, mask=live, other=float("-inf"))
+    s = tl.load(stats_row + j * 8 + sum_slot, mask=live, other=0.0)
+    top = tl.max(m, axis=0)
+    ref = tl.where(top == float("-inf"), 0.0, top)
+    return ref + tl.log(tl.sum(s * tl.exp(m - ref), axis=0))
+
+
+@triton.jit
+def _logaddexp(a, b):
+    top = tl.maximum(a, b)
+    ref = tl.where(top == float("-inf"), 0.0, top)
+    return ref + tl.log(tl.exp(a - ref) + tl.exp(b - ref))
+
+
+@triton.jit
+def _guidance_stats_kernel(
+    c_ptr, u_ptr, stats_ptr, gamma, gamma_ptr, V, stride_c, stride_u, split_len,
+    MODE: tl.constexpr, GAMMA_PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    c_row = c_ptr + row.to(tl.int64) * stride_c
+    u_row = u_ptr + row.to(tl.int64) * stride_u
+    if GAMMA_PER_ROW:
+        gamma = tl.load(gamma_ptr + row)
+    lanes = tl.arange(0, BLOCK)
+    c_max = float("-inf")
+    u_max = float("-inf")
+    h_max = float("-inf")
+    c_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    u_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    h_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    m_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    start = split * split_len
+    end = tl.minimum(start + split_len, V)
+    for offset in range(start, end, BLOCK):
+        idx = offset + lanes
+        inside = idx < end
+        c = tl.load(c_row + idx, mask=inside, other=float("-inf")).to(tl.float32)
+        u = tl.load(u_row + idx, mask=inside, other=float("-inf")).to(tl.float32)
+        c_max, c_scale, c_exp = _online_step(c_max, c)
+        c_sum = c_sum * c_scale + c_exp
+        u_max, u_scale, u_exp = _online_step(u_max, u)
+        u_sum = u_sum * u_scale + u_exp
+        if MODE == _INTERPOLATED:
+            u_live = u != float("-inf")
+            h = tl.where(u_live & (c != float("-inf")), c + (1.0 - gamma) * (u - c), float("-inf"))
+            h_max, h_scale, h_exp = _online_step(h_max, h)
+            h_sum = h_sum * h_scale + h_exp
+            # Masked-in-uncond tokens are rare: reuse cond's exponentials instead of a fourth exp.
+            m_sum = m_sum * c_scale + tl.where(u_live, 0.0, c_exp)
+    out = stats_ptr + (row * tl.num_programs(1) + split) * 8
+    tl.store(out + 0, c_max)
+    tl.store(out + 1, tl.sum(c_sum, axis=0))
+    tl.store(out + 2, u_max)
+    tl.store(out + 3, tl.sum(u_sum, axis=0))
+    tl.store(out + 4, h_max)
+    tl.store(out + 5, tl.sum(h_sum, axis=0))
+    tl.store(out + 6, tl.sum(m_sum, axis=0))
+
+
+@triton.jit
+def _guidance_write_kernel(
+    c_ptr, u_ptr, out_ptr, stats_ptr, gamma, gamma_ptr, mix, mix_ptr,
+    V, stride_c, stride_u, split_len, n_splits,
+    MODE: tl.constexpr, GAMMA_PER_ROW: tl.constexpr, MIX_PER_ROW: tl.constexpr,
+    MAX_SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    c_row = c_ptr + row.to(tl.int64) * stride_c
+    u_row = u_ptr + row.to(tl.int64) * stride_u
+    out_row = out_ptr + row.to(tl.int64) * V
+    if GAMMA_PER_ROW:
+        gamma = tl.load(gamma_ptr + row)
+    if MIX_PER_ROW:
+        mix = tl.load(mix_ptr + row)
+    # Row constants: u-live tokens get h - live_const, tokens masked only in uncond get
+    # c - masked_const (their guided log-prob is their conditional one).
+    live_const = 0.0
+    masked_const = 0.0
+    lse_c = 0.0
+    if MODE != _RAW:
+        stats_row = stats_ptr + row * n_splits * 8
+        lse_c = _merge_splits(stats_row, 0, 1, n_splits, MAX_SPLITS)
+        lse_u = _merge_splits(stats_row, 2, 3, n_splits, MAX_SPLITS)
+        # (1 - γ) LSE(u) + γ LSE(c): the normalized-CFG row constant.
+        z = lse_c + (1.0 - gamma) * (lse_u - lse_c)
+        live_const = z
+        masked_const = lse_c
+        if MODE == _INTERPOLATED:
+            lse_h = _merge_splits(stats_row, 4, 5, n_splits, MAX_SPLITS)
+            lse_m = _merge_splits(stats_row, 0, 6, n_splits, MAX_SPLITS)
+            # LSE of the normalized CFG scores g; guarded so an empty set contributes -inf, not NaN.
+            live_mass = tl.where(lse_h == float("-inf"), float("-inf"), lse_h - z)
+            masked_mass = tl.where(lse_m == float("-inf"), float("-inf"), lse_m - lse_c)
+            lse_g = _logaddexp(live_mass, masked_mass)
+            # Equals lse_h exactly when nothing is masked only in uncond (so γ = 1 returns cl bit
+            # for bit, whatever the mix).
+            live_const = tl.where(masked_mass == float("-inf"), lse_h, z + lse_g)
+            masked_const = lse_c + lse_g
+            # LSE(u) cancels above, so NaN or +inf in uncond (lse_u is then NaN) must be passed on.
+            live_const = tl.where(lse_u != lse_u, lse_u, live_const)
+            masked_const = tl.where(lse_u != lse_u, lse_u, masked_const)
+    lanes = tl.arange(0, BLOCK)
+    start = split * split_len
+    end = tl.minimum(start + split_len, V)
+    for offset in range(start, end, BLOCK):
+        idx = offset + lanes
+        inside = idx < end
+        c = tl.load(c_row + idx, mask=inside, other=float("-inf")).to(tl.float32)
+        u = tl.load(u_row + idx, mask=inside, other=float("-inf")).to(tl.float32)
+        u_live = u != float("-inf")
+        h = c + (1.0 - gamma) * (u - c)
+        if MODE == _RAW:
+            # No row statistic carries +inf into NaN here, so flag it token by token.
+            poisoned = (c == float("inf")) | (u == float("inf"))
+            val = tl.where(poisoned, float("nan"), tl.where(u_live, h, c))
+        elif MODE == _NORMALIZED:
+            val = tl.where(u_live, h - live_const, c - masked_const)
+        else:
+            cl = c - lse_c
+            gl = tl.where(u_live, h - live_const, c - masked_const)
+            val = cl + mix * (gl - cl)
+        val = tl.where(c != float("-inf"), val, float("-inf"))
+        tl.store(out_row + idx, val.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def plan(batch: int, vocab: int, num_sms: int) -> tuple[int, int]:
+    """(number of vocabulary splits per row, elements per split) for a `[batch, vocab]` problem.
+
+    Enough programs to cover every SM about four times, never more splits than tiles, and a split
+    length that is a whole number of tiles so that splits never share a tile.
+    """
+    tiles = triton.cdiv(max(vocab, 1), BLOCK)
+    wanted = triton.cdiv(4 * num_sms, max(batch, 1))
+    tiles_per_split = triton.cdiv(tiles, max(1, min(tiles, wanted, MAX_SPLITS)))
+    return triton.cdiv(tiles, tiles_per_split), tiles_per_split * BLOCK
+
+
+def launch(cond, uncond, out, stats, mode, gamma, gamma_rows, mix, mix_rows, n_splits, split_len):
+    """Runs the guidance kernels on `[B, V]` row-strided `cond`/`uncond` into contiguous `out`.
+
+    `stats` is fp32 scratch of at least `B * n_splits * 8` floats (unused in raw mode). `gamma` and
+    `mix` are floats used when `gamma_rows` / `mix_rows` (fp32 `[B]`) are None.
+    """
+    batch, vocab = cond.shape
+    grid = (batch, n_splits)
+    if mode != RAW:
+        _guidance_stats_kernel[grid](
+            cond, uncond, stats, gamma, gamma_rows, vocab, cond.stride(0), uncond.stride(0), split_len,
+            MODE=mode, GAMMA_PER_ROW=gamma_rows is not None, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )
+    _guidance_write_kernel[grid](
+        cond, uncond, out, stats, gamma, gamma_rows, mix, mix_rows,
+        vocab, cond.stride(0), uncond.stride(0), split_len, n_splits,
+        MODE=mode, GAMMA_PER_ROW=gamma_rows is not None, MIX_PER_ROW=mix_rows is not None,
+        MAX_SPLITS=MAX_SPLITS, BLOCK=BLOCK, num_warps=NUM_WARPS,
+    )
+
+
+def specializations():
+    """Every (kernel, signature, constexprs, num_warps) that `launch` can produce, for AOT checks.
+
+    Integer arguments are typed i32 and taken 16-divisible (the common case); the divisibility hint
+    changes vectorization, not register allocation in any way that matters for spills.
+    """
+    dtypes = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+    for in_t in dtypes.values():
+        for mode in (NORMALIZED, INTERPOLATED):
+            for gamma_rows in (False, True):
+                sig = {"c_ptr": in_t, "u_ptr": in_t, "stats_ptr": "*fp32", "gamma": "fp32",
+                       "gamma_ptr": "*fp32" if gamma_rows else "constexpr", "V": "i32",
+                       "stride_c": "i32", "stride_u": "i32", "split_len": "i32",
+                       "MODE": "constexpr", "GAMMA_PER_ROW": "constexpr", "BLOCK": "constexpr"}
+                const = {"MODE": mode, "GAMMA_PER_ROW": gamma_rows, "BLOCK": BLOCK}
+                if not gamma_rows:
+                    const["gamma_ptr"] = None
+                yield _guidance_stats_kernel, sig, const, NUM_WARPS
+        for out_t in dtypes.values():
+            for mode in (RAW, NORMALIZED, INTERPOLATED):
+                for gamma_rows in (False, True):
+                    for mix_rows in ((False, True) if mode == INTERPOLATED else (False,)):
+                        sig = {"c_ptr": in_t, "u_ptr": in_t, "out_ptr": out_t, "stats_ptr": "*fp32",
+                               "gamma": "fp32", "gamma_ptr": "*fp32" if gamma_rows else "constexpr",
+                               "mix": "fp32", "mix_ptr": "*fp32" if mix_rows else "constexpr",
+                               "V": "i32", "stride_c": "i32", "stride_u": "i32", "split_len": "i32",
+                               "n_splits": "i32", "MODE": "constexpr", "GAMMA_PER_ROW": "constexpr",
+                               "MIX_PER_ROW": "constexpr", "MAX_SPLITS": "constexpr",
+                               "BLOCK": "constexpr"}
+                        const = {"MODE": mode, "GAMMA_PER_ROW": gamma_rows, "MIX_PER_ROW": mix_rows,
+                                 "MAX_SPLITS": MAX_SPLITS, "BLOCK": BLOCK}
+                        if not gamma_rows:
+                            const["gamma_ptr"] = None
+                        if not mix_rows:
+                            const["mix_ptr"] = None
+                        yield _guidance_write_kernel, sig, const, NUM_WARPS

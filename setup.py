@@ -1,0 +1,26 @@
+from setuptools import setup
+
+# `kernels/` ships as `cfg_triton.kernels`: a top-level `kernels` package would collide with the
+# PyPI distribution of that name, which transformers imports when present.
+setup(
+    name="cfg-triton",
+    version="0.1.0",
+    description="Fused Triton kernels and a sampler for classifier-free guidance in LM generation",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["cfg_triton", "cfg_triton.kernels"],
+    package_dir={"cfg_triton": "cfg_triton", "cfg_triton.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=4.45",
+        "gguf>=0.10",
+        "accelerate>=0.30",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark"],
+        "bench": ["pytest-benchmark", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["cfg-triton=cfg_triton.cli:main"]},
+)

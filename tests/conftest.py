@@ -1,0 +1,25 @@
+import os
+
+# Triton decides at decoration time whether a kernel is interpreted, so this must precede any import
+# of cfg_triton. Which path a CPU call takes is then chosen per test by the `backend` fixture.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import cfg_triton  # noqa: E402
+
+BACKENDS = ["torch", "interpreter"] if cfg_triton.triton_available() else ["torch"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Runs a test once on the torch path and once through the Triton kernels (interpreted)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if request.param == "interpreter" else "0")
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,229 @@
+"""`cfg_triton.guidance` against the float64 reference, on the torch path and the Triton kernels."""
+import pytest
+import torch
+
+import cfg_triton
+from cfg_triton import ops
+
+from helpers import DTYPES, NEG_INF, assert_matches, expected, logits
+
+SEMANTICS = {
+    "raw": dict(normalize=False),
+    "normalized": dict(),
+    "interpolated": dict(mix=0.7),
+}
+# Every shape class: one row split across programs, a few rows, a batch of 64 with a V that is not a
+# multiple of the tile, and the vocabularies of SmolLM2, Qwen and Gemma 3.
+SHAPES = [(1, 262_144), (2, 151_936), (3, 49_152), (64, 2_049), (5, 1)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("semantics", SEMANTICS)
+def test_matches_reference(backend, semantics, dtype, shape):
+    cond, uncond = logits(*shape, dtype), logits(*shape, dtype)
+    kw = SEMANTICS[semantics]
+    assert_matches(cfg_triton.guidance(cond, uncond, 1.5, **kw), expected(cond, uncond, 1.5, **kw))
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES + [torch.float64], ids=str)
+def test_out_dtype(backend, out_dtype):
+    cond, uncond = logits(4, 3000), logits(4, 3000)
+    out = cfg_triton.guidance(cond, uncond, 2.0, mix=0.5, out_dtype=out_dtype)
+    assert out.dtype == out_dtype
+    assert_matches(out, expected(cond, uncond, 2.0, mix=0.5))
+
+
+def test_float64_runs_in_float64(backend):
+    cond, uncond = logits(3, 1000, torch.float64), logits(3, 1000, torch.float64)
+    out = cfg_triton.guidance(cond, uncond, 3.0, mix=0.7, out_dtype=torch.float64)
+    torch.testing.assert_close(out, expected(cond, uncond, 3.0, mix=0.7), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("semantics", SEMANTICS)
+@pytest.mark.parametrize("gamma", [0.0, -0.5, 1.0, 3.0, 12.0])
+def test_guidance_scales(backend, semantics, gamma):
+    cond, uncond = logits(3, 5000), logits(3, 5000)
+    kw = SEMANTICS[semantics]
+    assert_matches(cfg_triton.guidance(cond, uncond, gamma, **kw), expected(cond, uncond, gamma, **kw))
+
+
+@pytest.mark.parametrize("semantics", SEMANTICS)
+def test_per_row_tensors(backend, semantics):
+    cond, uncond = logits(6, 4099), logits(6, 4099)
+    gamma = torch.tensor([0.0, 1.0, 1.5, 3.0, -1.0, 7.5])
+    kw = dict(SEMANTICS[semantics])
+    if "mix" in kw:
+        kw["mix"] = torch.tensor([0.0, 0.2, 0.7, 1.0, 0.5, 0.9])
+    out = cfg_triton.guidance(cond, uncond, gamma, **kw)
+    assert_matches(out, expected(cond, uncond, gamma, **kw))
+    # Row i equals the scalar call with that row's values.
+    for i in (0, 3):
+        row_kw = {k: (v[i].item() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        alone = cfg_triton.guidance(cond[i : i + 1], uncond[i : i + 1], gamma[i].item(), **row_kw)
+        assert_matches(out[i : i + 1], alone.double())
+
+
+def test_zero_dim_tensor_scale_is_a_scalar(backend):
+    cond, uncond = logits(2, 300), logits(2, 300)
+    torch.testing.assert_close(cfg_triton.guidance(cond, uncond, torch.tensor(2.5)),
+                               cfg_triton.guidance(cond, uncond, 2.5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scale_one_gives_conditional_log_softmax_for_any_mix(backend, dtype):
+    cond, uncond = logits(3, 70_000, dtype), logits(3, 70_000, dtype)
+    outs = [cfg_triton.guidance(cond, uncond, 1.0, mix=a) for a in (0.0, 0.3, 0.7, 1.0)]
+    assert_matches(outs[0], torch.log_softmax(cond.double(), -1))
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])  # bit for bit: α multiplies an exact zero
+
+
+def test_mix_endpoints(backend):
+    cond, uncond = logits(2, 3000), logits(2, 3000)
+    assert_matches(cfg_triton.guidance(cond, uncond, 2.0, mix=0.0), torch.log_softmax(cond.double(), -1))
+    g = expected(cond, uncond, 2.0)
+    assert_matches(cfg_triton.guidance(cond, uncond, 2.0, mix=1.0), torch.log_softmax(g, -1))
+
+
+def _masked_inputs(vocab=5000):
+    """Rows: masks in cond only, uncond only, both (overlapping); an all-masked cond row; an
+    all-masked uncond row; a row masked everywhere but one token."""
+    cond, uncond = logits(6, vocab), logits(6, vocab)
+    cond[0, ::7] = NEG_INF
+    uncond[1, ::5] = NEG_INF
+    cond[2, ::3] = NEG_INF
+    uncond[2, ::4] = NEG_INF
+    cond[3] = NEG_INF
+    uncond[4] = NEG_INF
+    cond[5, 1:] = NEG_INF
+    uncond[5, :] = NEG_INF
+    return cond, uncond
+
+
+@pytest.mark.parametrize("semantics", SEMANTICS)
+@pytest.mark.parametrize("gamma", [0.0, -0.5, 1.0, 1.5, 4.0])
+def test_masked_tokens(backend, semantics, gamma):
+    cond, uncond = _masked_inputs()
+    kw = SEMANTICS[semantics]
+    out = cfg_triton.guidance(cond, uncond, gamma, **kw)
+    assert not torch.isnan(out).any() and not torch.isposinf(out).any()
+    assert torch.isneginf(out[torch.isneginf(cond)]).all(), "a token masked in cond leaked through"
+    assert torch.isneginf(out[3]).all()
+    assert_matches(out, expected(cond, uncond, gamma, **kw))
+
+
+def test_masked_only_in_uncond_keeps_conditional_score(backend):
+    cond, uncond = logits(1, 4000), logits(1, 4000)
+    uncond[0, :10] = NEG_INF
+    cl = torch.log_softmax(cond.double(), -1)
+    norm = cfg_triton.guidance(cond, uncond, 3.0)
+    assert_matches(norm[:, :10], cl[:, :10])
+    raw = cfg_triton.guidance(cond, uncond, 3.0, normalize=False)
+    assert torch.equal(raw[:, :10], cond[:, :10])
+    # With every token masked in uncond there is nothing to contrast: the result is cl.
+    uncond[:] = NEG_INF
+    assert_matches(cfg_triton.guidance(cond, uncond, 3.0, mix=0.7), cl)
+
+
+@pytest.mark.parametrize("semantics", SEMANTICS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_and_posinf_poison_their_row_only(backend, semantics, bad):
+    cond, uncond = logits(3, 3000), logits(3, 3000)
+    uncond[1, 17] = bad
+    kw = SEMANTICS[semantics]
+    out = cfg_triton.guidance(cond, uncond, 1.5, **kw)
+    if semantics == "raw":
+        assert torch.isnan(out[1, 17]) and torch.isnan(out[1]).sum() == 1
+    else:
+        assert torch.isnan(out[1]).all()
+    clean = [0, 2]
+    assert_matches(out[clean], expected(cond[clean], uncond[clean], 1.5, **kw))
+
+
+def test_strided_rows_and_stacked_halves_are_not_copied(backend, monkeypatch):
+    full = torch.randn(4, 5, 3001) * 4
+    last = full[:, -1, :]  # rows strided by 5 * V
+    stacked = torch.randn(8, 3001) * 4
+    seen = []
+    if backend == "interpreter":
+        launch = ops._kernels.launch
+        monkeypatch.setattr(ops._kernels, "launch",
+                            lambda c, u, *a: (seen.append((c.data_ptr(), u.data_ptr())), launch(c, u, *a)))
+    out = cfg_triton.guidance(last, stacked[4:], 2.0, mix=0.7)
+    assert_matches(out, expected(last, stacked[4:], 2.0, mix=0.7))
+    out = cfg_triton.guidance(stacked[:4], stacked[4:], 2.0)
+    assert_matches(out, expected(stacked[:4], stacked[4:], 2.0))
+    if backend == "interpreter":
+        assert seen == [(last.data_ptr(), stacked[4:].data_ptr()),
+                        (stacked.data_ptr(), stacked[4:].data_ptr())]
+
+
+def test_non_contiguous_vocabulary_dimension(backend):
+    cond, uncond = logits(3000, 3).t(), logits(3000, 3).t()
+    assert cond.stride(1) != 1
+    assert_matches(cfg_triton.guidance(cond, uncond, 1.5), expected(cond, uncond, 1.5))
+
+
+def test_empty_batch(backend):
+    out = cfg_triton.guidance(torch.empty(0, 100), torch.empty(0, 100), 1.5, mix=0.7)
+    assert out.shape == (0, 100) and out.dtype == torch.float32
+
+
+def test_offsets_beyond_int32(backend):
+    # Row 2 starts 2**31 + 256 elements into the storage: int32 offsets would wrap. Only the pages
+    # of the three rows are touched, so this costs kilobytes, not gigabytes.
+    vocab, stride = 4096, 2**30 + 128
+    storage = torch.empty(2 * stride + vocab, dtype=torch.float16)
+    rows = storage.as_strided((3, vocab), (stride, 1))
+    rows.copy_(logits(3, vocab, torch.float16))
+    other = logits(3, vocab, torch.float16)
+    assert_matches(cfg_triton.guidance(rows, other, 1.5, mix=0.7), expected(rows, other, 1.5, mix=0.7))
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: (logits(2, 10), logits(2, 11), 1.5, {}), ValueError, "vocabular"),
+        (lambda: (logits(2, 10), logits(3, 10), 1.5, {}), ValueError, "batch"),
+        (lambda: (logits(2, 10)[0], logits(2, 10)[0], 1.5, {}), ValueError, r"\[B, V\]"),
+        (lambda: (torch.ones(2, 10, dtype=torch.int64), logits(2, 10), 1.5, {}), TypeError, "float"),
+        (lambda: (logits(2, 10), logits(2, 10, torch.float16), 1.5, {}), TypeError, "dtype"),
+        (lambda: (logits(2, 10), torch.empty(2, 10, device="meta"), 1.5, {}), ValueError, "device"),
+        (lambda: (logits(2, 10), logits(2, 10), float("inf"), {}), ValueError, "finite"),
+        (lambda: (logits(2, 10), logits(2, 10), float("nan"), {}), ValueError, "finite"),
+        (lambda: (logits(2, 10), logits(2, 10), torch.tensor([1.0, float("nan")]), {}), ValueError,
+         "finite"),
+        (lambda: (logits(2, 10), logits(2, 10), torch.ones(3), {}), ValueError, r"\[B\]"),
+        (lambda: (logits(2, 10), logits(2, 10), True, {}), TypeError, "real"),
+        (lambda: (logits(2, 10), logits(2, 10), "1.5", {}), TypeError, "real"),
+        (lambda: (logits(2, 10), logits(2, 10), 1.5, {"mix": 1.2}), ValueError, r"\[0, 1\]"),
+        (lambda: (logits(2, 10), logits(2, 10), 1.5, {"mix": -0.1}), ValueError, r"\[0, 1\]"),
+        (lambda: (logits(2, 10), logits(2, 10), 1.5, {"mix": torch.tensor([0.5, 2.0])}), ValueError,
+         r"\[0, 1\]"),
+        (lambda: (logits(2, 10), logits(2, 10), 1.5, {"mix": 0.7, "normalize": False}), ValueError,
+         "normalize"),
+        (lambda: (logits(2, 10), logits(2, 10), 1.5, {"out_dtype": torch.int32}), TypeError, "out_dtype"),
+        (lambda: (logits(2, 10), logits(2, 10), torch.ones(2, device="meta"), {}), ValueError, "device"),
+    ],
+)
+def test_bad_input_is_rejected(make, error, match):
+    cond, uncond, gamma, kw = make()
+    with pytest.raises(error, match=match):
+        cfg_triton.guidance(cond, uncond, gamma, **kw)
+
+
+def test_torch_compile_fullgraph(backend):
+    def step(scores, gamma):
+        cond, uncond = scores.chunk(2)
+        return cfg_triton.guidance(cond, uncond, gamma, mix=0.7).softmax(-1)
+
+    scores = torch.randn(4, 1000) * 4
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(scores, 1.5), step(scores, 1.5))
+
+
+def test_registered_op_passes_opcheck():
+    cond, uncond = logits(3, 100), logits(3, 100)
+    torch.library.opcheck(torch.ops.cfg_triton.guidance.default,
+                          (cond, uncond, torch.ones(3), 0.0, None, 0.7, 2, torch.float32))
