@@ -56,12 +56,12 @@ def _narrow_linears(model):
             del layer.forward
 
 
-def _left_pad(ids, mask, length, pad_id):
-    """Left-pads `[B, T]` ids and mask to `length` columns."""
+def _left_pad(ids, mask, length):
+    """Left-pads `[B, T]` ids and mask to `length` columns (with token 0: masked, but a valid id)."""
     extra = length - ids.shape[1]
     if extra == 0:
         return ids, mask
-    return (torch.cat([ids.new_full((ids.shape[0], extra), pad_id), ids], dim=1),
+    return (torch.cat([ids.new_zeros((ids.shape[0], extra)), ids], dim=1),
             torch.cat([mask.new_zeros((mask.shape[0], extra)), mask], dim=1))
 
 
@@ -73,11 +73,11 @@ def _positions(mask):
 class _Branches:
     """The conditional and unconditional inputs, run as one `[2B]` batch or as two `[B]` batches."""
 
-    def __init__(self, model, cond, uncond, batched, pad_id):
+    def __init__(self, model, cond, uncond, batched):
         self.model, self.batched = model, batched
         if batched:
             length = max(cond[0].shape[1], uncond[0].shape[1])
-            cond, uncond = _left_pad(*cond, length, pad_id), _left_pad(*uncond, length, pad_id)
+            cond, uncond = _left_pad(*cond, length), _left_pad(*uncond, length)
             self.inputs = [(torch.cat([cond[0], uncond[0]]), torch.cat([cond[1], uncond[1]]))]
         else:
             self.inputs = [cond, uncond]
@@ -151,7 +151,7 @@ def _generate(model, input_ids, attention_mask, negative_input_ids, negative_att
               guidance_scale, mix, mode, max_new_tokens, min_new_tokens, do_sample, temperature,
               top_k, top_p, eos, pad_id, generator, streamer):
     branches = _Branches(model, (input_ids, attention_mask), (negative_input_ids, negative_attention_mask),
-                         mode == "batched", pad_id)
+                         mode == "batched")
     eos_t = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     tokens = []
@@ -168,11 +168,12 @@ def _generate(model, input_ids, attention_mask, negative_input_ids, negative_att
             next_ids = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
         else:
             next_ids = scores.argmax(-1)
-        next_ids = torch.where(finished, pad_id, next_ids)
-        tokens.append(next_ids)
+        # Finished rows show pad but keep feeding the model a real token: any pad id is safe.
+        shown = torch.where(finished, pad_id, next_ids)
+        tokens.append(shown)
         if streamer is not None:
-            streamer.put(next_ids.cpu())
-        finished |= torch.isin(next_ids, eos_t)
+            streamer.put(shown.cpu())
+        finished |= torch.isin(shown, eos_t)
         if bool(finished.all()) or step + 1 == max_new_tokens:
             break
         cond, uncond = branches.logits(next_ids[:, None])

@@ -23,3 +23,14 @@ def backend(request, monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The bundled SmolLM2-135M-Instruct, loaded once per session: `(model, tokenizer)`."""
+    from cfg_triton import models
+
+    try:
+        return models.load("smollm2")
+    except ModuleNotFoundError as e:  # pragma: no cover - the install script always provides it
+        pytest.skip(str(e))

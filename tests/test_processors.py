@@ -1,0 +1,97 @@
+"""Drop-in processors against transformers' own, the warpers, patch_transformers, the command."""
+import pytest
+import torch
+from transformers.generation import logits_process as hf
+
+import cfg_triton
+from cfg_triton.processors import warp_scores
+
+from helpers import logits
+
+FP32 = dict(rtol=1e-5, atol=1e-4)  # same formula in another association order: fp32 rounding
+
+
+@pytest.mark.parametrize("gamma", [1.5, 3.0])
+def test_batched_processor_matches_transformers(backend, gamma):
+    ids = torch.ones(3, 5, dtype=torch.long)
+    scores = logits(6, 4000)
+    theirs = hf.ClassifierFreeGuidanceLogitsProcessor(gamma)(ids, scores.clone())
+    torch.testing.assert_close(cfg_triton.CFGLogitsProcessor(gamma)(ids, scores), theirs, **FP32)
+
+
+def test_batched_processor_rejects_unstacked_scores():
+    with pytest.raises(ValueError, match="2B"):
+        cfg_triton.CFGLogitsProcessor(1.5)(torch.ones(3, 5, dtype=torch.long), logits(3, 100))
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_unbatched_processor_matches_transformers(smollm2, use_cache):
+    model, tok = smollm2
+    ids = tok("The weather today is", return_tensors="pt").input_ids
+    neg = tok("Terrible news:", return_tensors="pt").input_ids
+    theirs = hf.UnbatchedClassifierFreeGuidanceLogitsProcessor(2.0, model, neg, use_cache=use_cache)
+    ours = cfg_triton.UnbatchedCFGLogitsProcessor(2.0, model, neg, use_cache=use_cache)
+    with torch.no_grad():
+        for step in range(3):
+            scores = model(ids).logits[:, -1].float()
+            a, b = ours(ids, scores), theirs(ids, scores)
+            torch.testing.assert_close(a, b, **FP32)
+            ids = torch.cat([ids, a.argmax(-1, keepdim=True)], 1)
+
+
+@pytest.mark.model
+def test_patch_transformers_uses_fused_processor_and_undoes(smollm2, monkeypatch):
+    model, tok = smollm2
+    ids = tok("Once upon a time", return_tensors="pt").input_ids
+    neg = tok("The end.", return_tensors="pt").input_ids
+    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, guidance_scale=1.5,
+              negative_prompt_ids=neg)
+    plain = model.generate(ids, **kw)
+    calls = []
+    original = cfg_triton.UnbatchedCFGLogitsProcessor.__call__
+    monkeypatch.setattr(cfg_triton.UnbatchedCFGLogitsProcessor, "__call__",
+                        lambda self, i, s: calls.append(1) or original(self, i, s))
+    with cfg_triton.patch_transformers():
+        patched = model.generate(ids, **kw)
+    assert len(calls) == 10 and patched.tolist() == plain.tolist()
+    model.generate(ids, **kw)
+    assert len(calls) == 10  # undone on exit
+    handle = cfg_triton.patch_transformers()
+    model.generate(ids, **kw)
+    handle.undo()
+    assert len(calls) == 20
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, None, None), (1.0, 50, None),
+                                                       (1.0, None, 0.9), (1.3, 20, 0.5)])
+def test_warpers_match_transformers(temperature, top_k, top_p):
+    scores = logits(4, 3000)
+    expected = scores.clone()
+    if temperature != 1.0:
+        expected = hf.TemperatureLogitsWarper(temperature)(None, expected)
+    if top_k:
+        expected = hf.TopKLogitsWarper(top_k)(None, expected)
+    if top_p:
+        expected = hf.TopPLogitsWarper(top_p)(None, expected)
+    got = warp_scores(scores, temperature, top_k, top_p)
+    assert torch.equal(torch.isneginf(got), torch.isneginf(expected))
+    torch.testing.assert_close(got[~torch.isneginf(got)], expected[~torch.isneginf(expected)])
+
+
+@pytest.mark.model
+def test_command_generates_and_compares(smollm2, capsys):
+    from cfg_triton import cli
+
+    assert cli.main(["generate", "--prompt", "Name a color.", "--system", "Answer in one word.",
+                     "--max-new-tokens", "6", "--compare"]) == 0
+    out, err = capsys.readouterr()
+    assert "--- guided (scale 1.5, batched) ---" in out and "--- unguided ---" in out
+    assert err.count("tokens/s") == 2
+
+
+def test_command_rejects_unknown_model(capsys):
+    from cfg_triton import cli
+
+    with pytest.raises(FileNotFoundError, match="bundled"):
+        cli.main(["generate", "--prompt", "x", "--model", "/no/such/model"])
