@@ -20,6 +20,7 @@ _RAW = tl.constexpr(RAW)
 _NORMALIZED = tl.constexpr(NORMALIZED)
 _INTERPOLATED = tl.constexpr(INTERPOLATED)
 STATS = 8  # floats per (row, split): c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum, unused
+_STATS = tl.constexpr(STATS)
 MAX_SPLITS = 128
 BLOCK = 2048
 NUM_WARPS = 8
@@ -40,8 +41,8 @@ def _merge_splits(stats_row, max_slot: tl.constexpr, sum_slot: tl.constexpr, n_s
     """Log-sum-exp of one statistic from its per-split (max, sum) pairs."""
     j = tl.arange(0, MAX_SPLITS)
     live = j < n_splits
-    m = tl.load(stats_row + j * 8 + max_slot, mask=live, other=float("-inf"))
-    s = tl.load(stats_row + j * 8 + sum_slot, mask=live, other=0.0)
+    m = tl.load(stats_row + j * _STATS + max_slot, mask=live, other=float("-inf"))
+    s = tl.load(stats_row + j * _STATS + sum_slot, mask=live, other=0.0)
     top = tl.max(m, axis=0)
     ref = tl.where(top == float("-inf"), 0.0, top)
     return ref + tl.log(tl.sum(s * tl.exp(m - ref), axis=0))
@@ -55,16 +56,22 @@ def _logaddexp(a, b):
 
 
 @triton.jit
+def _row_start(c_ptr, u_ptr, stride_c, stride_u, gamma, gamma_ptr, GAMMA_PER_ROW: tl.constexpr):
+    """This program's row: its two row pointers (64-bit offsets) and its guidance scale."""
+    row = tl.program_id(0)
+    if GAMMA_PER_ROW:
+        gamma = tl.load(gamma_ptr + row)
+    return row, c_ptr + row.to(tl.int64) * stride_c, u_ptr + row.to(tl.int64) * stride_u, gamma
+
+
+@triton.jit
 def _guidance_stats_kernel(
     c_ptr, u_ptr, stats_ptr, gamma, gamma_ptr, V, stride_c, stride_u, split_len,
     MODE: tl.constexpr, GAMMA_PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row, c_row, u_row, gamma = _row_start(c_ptr, u_ptr, stride_c, stride_u, gamma, gamma_ptr,
+                                          GAMMA_PER_ROW)
     split = tl.program_id(1)
-    c_row = c_ptr + row.to(tl.int64) * stride_c
-    u_row = u_ptr + row.to(tl.int64) * stride_u
-    if GAMMA_PER_ROW:
-        gamma = tl.load(gamma_ptr + row)
     lanes = tl.arange(0, BLOCK)
     c_max = float("-inf")
     u_max = float("-inf")
@@ -91,7 +98,7 @@ def _guidance_stats_kernel(
             h_sum = h_sum * h_scale + h_exp
             # Masked-in-uncond tokens are rare: reuse cond's exponentials instead of a fourth exp.
             m_sum = m_sum * c_scale + tl.where(u_live, 0.0, c_exp)
-    out = stats_ptr + (row * tl.num_programs(1) + split) * 8
+    out = stats_ptr + (row * tl.num_programs(1) + split) * _STATS
     tl.store(out + 0, c_max)
     tl.store(out + 1, tl.sum(c_sum, axis=0))
     tl.store(out + 2, u_max)
@@ -108,13 +115,10 @@ def _guidance_write_kernel(
     MODE: tl.constexpr, GAMMA_PER_ROW: tl.constexpr, MIX_PER_ROW: tl.constexpr,
     MAX_SPLITS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row, c_row, u_row, gamma = _row_start(c_ptr, u_ptr, stride_c, stride_u, gamma, gamma_ptr,
+                                          GAMMA_PER_ROW)
     split = tl.program_id(1)
-    c_row = c_ptr + row.to(tl.int64) * stride_c
-    u_row = u_ptr + row.to(tl.int64) * stride_u
     out_row = out_ptr + row.to(tl.int64) * V
-    if GAMMA_PER_ROW:
-        gamma = tl.load(gamma_ptr + row)
     if MIX_PER_ROW:
         mix = tl.load(mix_ptr + row)
     # Row constants: u-live tokens get h - live_const, tokens masked only in uncond get
@@ -123,7 +127,7 @@ def _guidance_write_kernel(
     masked_const = 0.0
     lse_c = 0.0
     if MODE != _RAW:
-        stats_row = stats_ptr + row * n_splits * 8
+        stats_row = stats_ptr + row * n_splits * _STATS
         lse_c = _merge_splits(stats_row, 0, 1, n_splits, MAX_SPLITS)
         lse_u = _merge_splits(stats_row, 2, 3, n_splits, MAX_SPLITS)
         # (1 - γ) LSE(u) + γ LSE(c): the normalized-CFG row constant.
@@ -183,7 +187,7 @@ def plan(batch: int, vocab: int, num_sms: int) -> tuple[int, int]:
 def launch(cond, uncond, out, stats, mode, gamma, gamma_rows, mix, mix_rows, n_splits, split_len):
     """Runs the guidance kernels on `[B, V]` row-strided `cond`/`uncond` into contiguous `out`.
 
-    `stats` is fp32 scratch of at least `B * n_splits * 8` floats (unused in raw mode). `gamma` and
+    `stats` is fp32 scratch of at least `B * n_splits * STATS` floats (unused in raw mode). `gamma` and
     `mix` are floats used when `gamma_rows` / `mix_rows` (fp32 `[B]`) are None.
     """
     batch, vocab = cond.shape
