@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections import defaultdict
@@ -118,7 +119,10 @@ def plot(results, path: Path) -> None:
             axes[1].plot(x, y, style, ms=3, label=f"{semantics} {dtype}")
     axes[0].set(xscale="log", yscale="log", xlabel="B·V", ylabel="speed-up over eager reference")
     axes[1].set(xscale="log", xlabel="B·V",
-                ylabel="fraction of copy bandwidth" if gpu and results["copy_gbps"] else "effective GB/s")
+                ylabel="effective bandwidth / measured copy bandwidth" if results["copy_gbps"]
+                else "effective GB/s")
+    if not gpu:
+        axes[1].set_title("CPU: above 1 where the inputs stay in cache", fontsize=8)
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
@@ -128,10 +132,10 @@ def plot(results, path: Path) -> None:
     plt.close(fig)
 
 
-def update_readme(results, png: Path, readme: Path = ROOT / "README.md") -> None:
+def update_readme(results, png: Path, readme: Path) -> None:
     """Replaces the text between the README's bench markers with tables generated from `results`."""
     tag = machine_tag(results["machine"])
-    block = "\n\n".join(x for x in (guidance_table(results), f"![{tag}]({png.relative_to(ROOT)})",
+    block = "\n\n".join(x for x in (guidance_table(results), f"![{tag}]({os.path.relpath(png, readme.parent)})",
                                     generation_table(results)) if x)
     text = readme.read_text()
     start, end = f"<!-- bench:{results['machine']['device']}:start -->", \
@@ -142,7 +146,7 @@ def update_readme(results, png: Path, readme: Path = ROOT / "README.md") -> None
     readme.write_text(head + start + "\n" + block + "\n" + end + rest.split(end, 1)[1])
 
 
-def publish(results, out_dir: Path) -> Path:
+def publish(results, out_dir: Path, readme: Path = ROOT / "README.md") -> Path:
     """Writes `<machine>.json` and `<machine>.png` under out_dir and refreshes the README."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = machine_tag(results["machine"])
@@ -151,10 +155,10 @@ def publish(results, out_dir: Path) -> Path:
     png = out_dir / f"{tag}.png"
     if results["guidance"]:
         plot(results, png)
-    update_readme(results, png)
+    update_readme(results, png, readme)
     return path
 
 
 if __name__ == "__main__":
-    res = json.loads(Path(sys.argv[1]).read_text())
-    publish(res, Path(sys.argv[1]).parent)
+    source = Path(sys.argv[1]).resolve()
+    publish(json.loads(source.read_text()), source.parent)

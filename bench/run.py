@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", choices=sorted(FILES), action="append",
                         help="run only these benchmark files (repeatable)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--readme", type=Path, default=HERE.parent / "README.md")
     parser.add_argument("--raw", type=Path, help="summarize an existing pytest-benchmark JSON instead")
     parser.add_argument("--merge", action="store_true",
                         help="keep sections of this machine's previous results that were not rerun")
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
         for section in ("guidance", "generation"):
             if not results[section]:
                 results[section] = old.get(section, [])
-    path = report.publish(results, args.out)
+    path = report.publish(results, args.out, args.readme)
     print(f"wrote {path}")
     return 0
 

@@ -1,0 +1,92 @@
+"""The benchmark harness, checked without a GPU: result format, plotting, README tables, gpu.sh."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import report  # noqa: E402
+import run  # noqa: E402
+
+GPU = {"device": "cuda", "name": "NVIDIA H100 80GB HBM3", "sms": 132, "torch": "2.13.0",
+       "triton": "3.9.0", "driver": "570.1", "python": "3.11.7", "memory_gib": 79.1}
+
+
+def _bench(impl, median, calls=1, **info):
+    base = dict(impl=impl, semantics="normalized", dtype="bfloat16", batch=1, vocab=262_144,
+                min_bytes=3 * 262_144 * 4, calls_per_round=calls)
+    return {"name": impl, "stats": {"median": median}, "extra_info": {**base, **info}}
+
+
+@pytest.fixture
+def raw_gpu(tmp_path):
+    raw = {"machine_info": {"cfg_triton": GPU}, "benchmarks": [
+        _bench("fused", 1e-3, calls=100),  # 10 µs per call
+        _bench("eager", 8e-5), _bench("compiled", 3e-5, compile_s=12.5), _bench("transformers", 5e-5),
+        {"name": "gen", "stats": {"median": 0.96},
+         "extra_info": {"impl": "plain", "batch": 1, "new_tokens": 48}},
+    ]}
+    path = tmp_path / "raw.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def test_summary_divides_by_calls_and_computes_ratios(raw_gpu):
+    results = report.summarize(json.loads(raw_gpu.read_text()), copy_gbps=3000.0)
+    (point,) = results["guidance"]
+    assert point["fused_us"] == pytest.approx(10.0)
+    assert point["speedup_vs_eager"] == pytest.approx(8.0)
+    assert point["speedup_vs_compiled"] == pytest.approx(3.0)
+    assert point["speedup_vs_transformers"] == pytest.approx(5.0)
+    assert point["gbps"] == pytest.approx(3 * 262_144 * 4 / 1e-5 / 1e9)
+    assert point["bandwidth_fraction"] == pytest.approx(point["gbps"] / 3000.0)
+    assert point["compile_s"] == 12.5
+    assert results["generation"] == [{"batch": 1, "impl": "plain", "ms_per_token": pytest.approx(20.0)}]
+    assert report.machine_tag(results["machine"]) == "cuda-nvidia-h100-80gb-hbm3"
+
+
+def test_run_publishes_file_plot_and_readme_table(raw_gpu, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:cuda:start -->\nold\n<!-- bench:cuda:end -->\nrest\n")
+    assert run.main(["--raw", str(raw_gpu), "--out", str(tmp_path / "results"), "--readme", str(readme)]) == 0
+    saved = json.loads((tmp_path / "results" / "cuda-nvidia-h100-80gb-hbm3.json").read_text())
+    assert saved["machine"]["name"] == GPU["name"] and saved["copy_gbps"] > 0
+    png = tmp_path / "results" / "cuda-nvidia-h100-80gb-hbm3.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    assert "NVIDIA H100 80GB HBM3" in text and "| normalized | bfloat16 | 1 | 262,144 | 10 |" in text
+    assert "results/cuda-nvidia-h100-80gb-hbm3.png" in text
+
+
+def test_plot_of_the_committed_cpu_results(tmp_path):
+    (results_file,) = (ROOT / "bench" / "results").glob("cpu-*.json")
+    results = json.loads(results_file.read_text())
+    assert {"machine", "copy_gbps", "guidance", "generation"} <= set(results)
+    report.plot(results, tmp_path / "cpu.png")
+    assert (tmp_path / "cpu.png").stat().st_size > 10_000
+
+
+def test_readme_tables_are_the_generated_ones():
+    (results_file,) = (ROOT / "bench" / "results").glob("cpu-*.json")
+    results = json.loads(results_file.read_text())
+    readme = (ROOT / "README.md").read_text()
+    assert report.guidance_table(results) in readme
+    assert report.generation_table(results) in readme
+
+
+def test_gpu_script_parses_and_helps():
+    script = ROOT / "bench" / "gpu.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    help_text = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True,
+                               check=True).stdout
+    assert "bare CUDA machine" in help_text
+
+
+def test_run_rejects_unknown_section():
+    with pytest.raises(SystemExit):
+        run.main(["--only", "nonsense"])
