@@ -68,10 +68,10 @@ def guidance_table(results) -> str:
             "| semantics | dtype | B | V | fused µs | GB/s | vs eager | vs compiled | vs transformers |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for p in results["guidance"]:
-        fmt = lambda k: f"{p[k]:.2f}x" if k in p else "–"  # noqa: E731
+        ratios = " | ".join(f"{p[f'speedup_vs_{peer}']:.2f}x" if f"speedup_vs_{peer}" in p else "–"
+                            for peer in PEERS)
         rows.append(f"| {p['semantics']} | {p['dtype']} | {p['batch']} | {p['vocab']:,} | "
-                    f"{p['fused_us']:,.0f} | {p['gbps']:.1f} | {fmt('speedup_vs_eager')} | "
-                    f"{fmt('speedup_vs_compiled')} | {fmt('speedup_vs_transformers')} |")
+                    f"{p['fused_us']:,.0f} | {p['gbps']:.1f} | {ratios} |")
     compile_times = sorted({(p["semantics"], p["dtype"], round(p["compile_s"], 1))
                             for p in results["guidance"] if "compile_s" in p})
     if compile_times:
@@ -89,12 +89,11 @@ def generation_table(results) -> str:
             "scale 1.5, ms per generated token (per step for the whole batch).", "",
             "| batch | plain | transformers CFG | cfg_triton batched | cfg_triton sequential | "
             "batched / plain | batched / transformers CFG |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    impls = ["plain", "transformers_cfg", "cfg_triton_batched", "cfg_triton_sequential"]
     for batch in sorted({g["batch"] for g in gen}):
-        t = lambda impl: by.get((batch, impl), float("nan"))  # noqa: E731
-        rows.append(f"| {batch} | {t('plain'):.1f} | {t('transformers_cfg'):.1f} | "
-                    f"{t('cfg_triton_batched'):.1f} | {t('cfg_triton_sequential'):.1f} | "
-                    f"{t('cfg_triton_batched') / t('plain'):.2f}x | "
-                    f"{t('cfg_triton_batched') / t('transformers_cfg'):.2f}x |")
+        plain, theirs, ours, sequential = (by.get((batch, i), float("nan")) for i in impls)
+        rows.append(f"| {batch} | {plain:.1f} | {theirs:.1f} | {ours:.1f} | {sequential:.1f} | "
+                    f"{ours / plain:.2f}x | {ours / theirs:.2f}x |")
     return "\n".join(rows)
 
 
@@ -135,8 +134,8 @@ def plot(results, path: Path) -> None:
 def update_readme(results, png: Path, readme: Path) -> None:
     """Replaces the text between the README's bench markers with tables generated from `results`."""
     tag = machine_tag(results["machine"])
-    block = "\n\n".join(x for x in (guidance_table(results), f"![{tag}]({os.path.relpath(png, readme.parent)})",
-                                    generation_table(results)) if x)
+    picture = f"![{tag}]({os.path.relpath(png, readme.parent)})"
+    block = "\n\n".join(x for x in (guidance_table(results), picture, generation_table(results)) if x)
     text = readme.read_text()
     start, end = f"<!-- bench:{results['machine']['device']}:start -->", \
         f"<!-- bench:{results['machine']['device']}:end -->"

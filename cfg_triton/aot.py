@@ -76,7 +76,8 @@ def main(argv=None) -> int:
         json.dump(rows, sys.stdout)
     else:
         for r in rows:
-            spec = " ".join(f"{k}={v}" for k, v in r["constexprs"].items() if k not in ("BLOCK", "MAX_SPLITS"))
+            spec = " ".join(f"{k}={v}" for k, v in r["constexprs"].items()
+                            if k not in ("BLOCK", "MAX_SPLITS"))
             print(f"{r['kernel']:24} {r['arch']} {'aligned' if r['aligned'] else 'unaligned':9} "
                   f"{r['dtypes']['c_ptr']:6} {r['dtypes'].get('out_ptr', '-'):6} {spec:45} "
                   f"regs={r['registers']:3} spill={r['local'] + r['stack']} smem={r['shared']}")

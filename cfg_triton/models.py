@@ -68,7 +68,8 @@ def load(name_or_path: str = "smollm2", *, dtype=None, use_cache_dir: bool = Tru
     folder, gguf = _resolve(name_or_path)
     kw = {} if dtype is None else {"dtype": dtype}
     if gguf is None:
-        return AutoModelForCausalLM.from_pretrained(folder, **kw).eval(), AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, **kw).eval()
+        return model, AutoTokenizer.from_pretrained(folder)
     source = folder / gguf
     stat = source.stat()
     key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .lm import forward_last, positions
 from .ops import guidance
 
 
@@ -66,8 +67,6 @@ class UnbatchedCFGLogitsProcessor:
         self.cache, self.first = None, True
 
     def _unconditional_logits(self, input_ids):
-        from .sampler import _forward, _positions
-
         if self.first:
             self.first = False
             if self.ids is None:
@@ -79,8 +78,8 @@ class UnbatchedCFGLogitsProcessor:
             self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
             self.ids = torch.cat([self.ids, input_ids[:, -1:]], dim=1)
             ids = input_ids[:, -1:] if self.use_cache else self.ids
-        positions = _positions(self.mask)[:, -ids.shape[1]:]
-        logits, cache = _forward(self.model, ids, self.mask, positions, self.cache)
+        pos = positions(self.mask)[:, -ids.shape[1]:]
+        logits, cache = forward_last(self.model, ids, self.mask, pos, self.cache)
         self.cache = cache if self.use_cache else None
         return logits
 

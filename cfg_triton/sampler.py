@@ -1,59 +1,11 @@
 """CFG generation for any transformers causal LM: a prefill, a decode step, a stopping rule."""
 from __future__ import annotations
 
-import contextlib
-import inspect
-
 import torch
 
+from .lm import forward_last, narrow_linears, positions
 from .ops import guidance
 from .processors import warp_scores
-
-
-def _cache_kw(model) -> str:
-    # transformers 5 names the KV cache argument `cache`; 4.x names it `past_key_values`.
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _forward(model, ids, mask, positions, cache):
-    """One forward over `ids` `[R, T]`; returns the last position's fp32 logits `[R, V]` and the cache."""
-    kw = {_cache_kw(model): cache}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1, **kw)
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
-    return out.logits[:, -1].float(), cache
-
-
-_NARROW_ROWS = 32
-
-
-def _narrow_linear(self, x):
-    rows = x.numel() // x.shape[-1]
-    if rows > _NARROW_ROWS:
-        return torch.nn.functional.linear(x, self.weight, self.bias)
-    out = (self.weight @ x.reshape(rows, -1).T).T.contiguous()
-    if self.bias is not None:
-        out += self.bias
-    return out.reshape(*x.shape[:-1], out.shape[-1])
-
-
-@contextlib.contextmanager
-def _narrow_linears(model):
-    """Computes a CPU model's linear layers as `W @ x.T` while few rows go through them.
-
-    MKL's `F.linear` with 2 or 3 rows runs 2-3x slower than with 1 or 4, and a 2x batch at B = 1
-    lands on it in every layer at every step. SmolLM2's output head (49,152 x 576) measured 15.5 ms
-    at 2 rows through `F.linear` and 4.4 ms as `W @ x.T` (7.8 ms at 1 row either way).
-    """
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)
-              and m.weight.device.type == "cpu" and "forward" not in vars(m)]
-    for layer in layers:
-        layer.forward = _narrow_linear.__get__(layer)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
 
 
 def _left_pad(ids, mask, length):
@@ -63,11 +15,6 @@ def _left_pad(ids, mask, length):
         return ids, mask
     return (torch.cat([ids.new_zeros((ids.shape[0], extra)), ids], dim=1),
             torch.cat([mask.new_zeros((mask.shape[0], extra)), mask], dim=1))
-
-
-def _positions(mask):
-    # Left padding must not shift positions: each row counts only its real tokens.
-    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 class _Branches:
@@ -89,12 +36,13 @@ class _Branches:
         outs = []
         for i, (first_ids, _) in enumerate(self.inputs):
             if ids is None:
-                step_ids, positions = first_ids, _positions(self.masks[i])
+                step_ids, pos = first_ids, positions(self.masks[i])
             else:
                 step_ids = torch.cat([ids, ids]) if self.batched else ids
                 self.masks[i] = torch.cat([self.masks[i], self.masks[i].new_ones(step_ids.shape)], dim=1)
-                positions = self.masks[i].sum(-1, keepdim=True) - 1
-            logits, self.caches[i] = _forward(self.model, step_ids, self.masks[i], positions, self.caches[i])
+                pos = self.masks[i].sum(-1, keepdim=True) - 1
+            logits, self.caches[i] = forward_last(self.model, step_ids, self.masks[i], pos,
+                                                  self.caches[i])
             outs.append(logits)
         return outs[0].chunk(2) if self.batched else outs
 
@@ -121,6 +69,42 @@ def generate(model, input_ids, attention_mask=None, *, negative_input_ids=None,
     forwards with separate caches (less peak memory). Finished rows are padded with `pad_token_id`;
     EOS and pad default to the model's generation config. `streamer` gets `put(ids)` / `end()`.
     """
+    branches, eos, pad_id = _prepare(model, input_ids, attention_mask, negative_input_ids,
+                                     negative_attention_mask, mode, max_new_tokens, min_new_tokens,
+                                     eos_token_id, pad_token_id)
+    eos_t = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    tokens = []
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    with narrow_linears(model):
+        cond, uncond = branches.logits()
+        for step in range(max_new_tokens):
+            scores = guidance(cond, uncond, guidance_scale, mix=mix)
+            if step < min_new_tokens and eos:
+                scores[:, eos_t] = float("-inf")
+            if do_sample:
+                probs = warp_scores(scores, temperature, top_k, top_p).softmax(-1)
+                next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            else:
+                next_ids = scores.argmax(-1)
+            # Finished rows show pad but keep feeding the model a real token: any pad id is safe.
+            shown = torch.where(finished, pad_id, next_ids)
+            tokens.append(shown)
+            if streamer is not None:
+                streamer.put(shown.cpu())
+            finished |= torch.isin(shown, eos_t)
+            if bool(finished.all()) or step + 1 == max_new_tokens:
+                break
+            cond, uncond = branches.logits(next_ids[:, None])
+    if streamer is not None:
+        streamer.end()
+    return torch.cat([input_ids] + [t[:, None] for t in tokens], dim=1)
+
+
+def _prepare(model, input_ids, attention_mask, negative_input_ids, negative_attention_mask, mode,
+             max_new_tokens, min_new_tokens, eos_token_id, pad_token_id):
+    """Validates `generate`'s arguments, fills in defaults; returns (branches, eos ids, pad id)."""
     if mode not in ("batched", "sequential"):
         raise ValueError(f"mode must be 'batched' or 'sequential', got {mode!r}")
     if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
@@ -133,50 +117,13 @@ def generate(model, input_ids, attention_mask=None, *, negative_input_ids=None,
     pad_id = pad_id if pad_id is not None else (eos[0] if eos else 0)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if negative_input_ids is None:
+    if negative_input_ids is None:  # transformers' default: the prompt's last token
         negative_input_ids = input_ids[:, -1:]
         negative_attention_mask = torch.ones_like(negative_input_ids)
     elif negative_attention_mask is None:
         negative_attention_mask = torch.ones_like(negative_input_ids)
     if negative_input_ids.shape[0] != input_ids.shape[0]:
         raise ValueError("negative_input_ids must have one row per prompt")
-
-    with _narrow_linears(model):
-        return _generate(model, input_ids, attention_mask, negative_input_ids, negative_attention_mask,
-                         guidance_scale, mix, mode, max_new_tokens, min_new_tokens, do_sample,
-                         temperature, top_k, top_p, eos, pad_id, generator, streamer)
-
-
-def _generate(model, input_ids, attention_mask, negative_input_ids, negative_attention_mask,
-              guidance_scale, mix, mode, max_new_tokens, min_new_tokens, do_sample, temperature,
-              top_k, top_p, eos, pad_id, generator, streamer):
     branches = _Branches(model, (input_ids, attention_mask), (negative_input_ids, negative_attention_mask),
                          mode == "batched")
-    eos_t = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    tokens = []
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
-    cond, uncond = branches.logits()
-    for step in range(max_new_tokens):
-        scores = guidance(cond, uncond, guidance_scale, mix=mix)
-        if step < min_new_tokens and eos:
-            scores[:, eos_t] = float("-inf")
-        scores = warp_scores(scores, temperature if do_sample else 1.0, top_k if do_sample else None,
-                             top_p if do_sample else None)
-        if do_sample:
-            next_ids = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
-        else:
-            next_ids = scores.argmax(-1)
-        # Finished rows show pad but keep feeding the model a real token: any pad id is safe.
-        shown = torch.where(finished, pad_id, next_ids)
-        tokens.append(shown)
-        if streamer is not None:
-            streamer.put(shown.cpu())
-        finished |= torch.isin(shown, eos_t)
-        if bool(finished.all()) or step + 1 == max_new_tokens:
-            break
-        cond, uncond = branches.logits(next_ids[:, None])
-    if streamer is not None:
-        streamer.end()
-    return torch.cat([input_ids] + [t[:, None] for t in tokens], dim=1)
+    return branches, eos, pad_id

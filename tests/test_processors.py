@@ -33,7 +33,7 @@ def test_unbatched_processor_matches_transformers(smollm2, use_cache):
     theirs = hf.UnbatchedClassifierFreeGuidanceLogitsProcessor(2.0, model, neg, use_cache=use_cache)
     ours = cfg_triton.UnbatchedCFGLogitsProcessor(2.0, model, neg, use_cache=use_cache)
     with torch.no_grad():
-        for step in range(3):
+        for _ in range(3):
             scores = model(ids).logits[:, -1].float()
             a, b = ours(ids, scores), theirs(ids, scores)
             torch.testing.assert_close(a, b, **FP32)
