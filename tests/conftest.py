@@ -28,12 +28,22 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="session")
-def smollm2():
-    """The bundled SmolLM2-135M-Instruct, loaded once per session: `(model, tokenizer)`."""
+def _bundled(name):
     from cfg_triton import models
 
     try:
-        return models.load("smollm2")
+        return models.load(name)
     except ModuleNotFoundError as e:  # pragma: no cover - the install script always provides it
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The bundled SmolLM2-135M-Instruct (vocabulary 49,152), loaded once: `(model, tokenizer)`."""
+    return _bundled("smollm2")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """The bundled Gemma 3 270M base model (vocabulary 262,144), loaded once: `(model, tokenizer)`."""
+    return _bundled("gemma3")

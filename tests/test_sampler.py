@@ -45,6 +45,18 @@ def test_greedy_matches_transformers(smollm2, mode, negative):
         assert ours.tolist() == theirs.tolist(), prompt
 
 
+def test_greedy_matches_transformers_on_gemma3(gemma3):
+    """A second architecture and the largest vocabulary (262,144), with a negative prompt."""
+    model, tok = gemma3
+    ids, neg = _ids(tok, "The ocean is"), _ids(tok, "The desert is")
+    theirs = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, guidance_scale=2.0,
+                            negative_prompt_ids=neg)
+    for mode in ("batched", "sequential"):
+        ours = cfg_triton.generate(model, ids, negative_input_ids=neg, guidance_scale=2.0, mode=mode,
+                                   max_new_tokens=6, min_new_tokens=6)
+        assert ours.tolist() == theirs.tolist()
+
+
 @pytest.mark.parametrize("mode", ["batched", "sequential"])
 def test_padded_batch_gives_each_rows_solo_output(smollm2, mode):
     model, tok = smollm2
