@@ -1,10 +1,12 @@
 import os
 import platform
 import sys
+import tempfile
 
-# Compile times are reported cold: without this, inductor's on-disk cache from an earlier run makes
-# torch.compile(reference) look nearly free.
+# Compile times are reported cold: inductor's on-disk caches from an earlier run would make
+# torch.compile(reference) look nearly free, so each benchmark session starts with empty ones.
 os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="cfg-triton-bench-inductor-"))
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402

@@ -1,6 +1,7 @@
 """`cfg_triton.guidance`: validation, the registered torch op, and dispatch to Triton or torch."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -50,18 +51,10 @@ def _run_triton(cond, uncond, gamma_rows, gamma, mix_rows, mix, mode, out_dtype)
     n_splits, split_len = _kernels.plan(batch, vocab, _num_sms(cond.device))
     stats = torch.empty(batch * n_splits * _kernels.STATS if mode != RAW else 1,
                         dtype=torch.float32, device=cond.device)
-    with torch.cuda.device(cond.device) if cond.is_cuda else _nullcontext():
+    with torch.cuda.device(cond.device) if cond.is_cuda else contextlib.nullcontext():
         _kernels.launch(cond, uncond, out, stats, mode, gamma, gamma_rows, mix, mix_rows,
                         n_splits, split_len)
     return out
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 @torch.library.custom_op("cfg_triton::guidance", mutates_args=())

@@ -223,7 +223,7 @@ def specializations():
                 if not gamma_rows:
                     const["gamma_ptr"] = None
                 yield _guidance_stats_kernel, sig, const, NUM_WARPS
-        for out_t in dtypes.values():
+        for out_t in (*dtypes.values(), "*fp64"):
             for mode in (RAW, NORMALIZED, INTERPOLATED):
                 for gamma_rows in (False, True):
                     for mix_rows in ((False, True) if mode == INTERPOLATED else (False,)):
