@@ -98,6 +98,9 @@ def _check_logits(cond, uncond) -> None:
     if cond.shape[1] != uncond.shape[1]:
         raise ValueError(f"cond and uncond have different vocabularies: V = {cond.shape[1]} and "
                          f"{uncond.shape[1]}")
+    if torch.is_grad_enabled() and (cond.requires_grad or uncond.requires_grad):
+        raise ValueError("guidance is an inference op without a backward; call it under "
+                         "torch.no_grad() (or differentiate cfg_triton.reference instead)")
     if cond.shape[0] != uncond.shape[0]:
         raise ValueError(f"cond and uncond have different batch sizes: {cond.shape[0]} and "
                          f"{uncond.shape[0]}")
@@ -170,6 +173,7 @@ def guidance(
         * NaN or `+inf` in a row's input makes that row's output NaN (raw mode: that element); it is
           not checked for, so that the op never syncs.
 
+    An inference op: inputs that require grad raise unless grad mode is off.
     CUDA tensors run the Triton kernels; CPU tensors run the torch path (with `TRITON_INTERPRET=1`
     they run the Triton kernels in Triton's interpreter); float64 always runs the torch path.
     A last dimension that is not contiguous is copied first.

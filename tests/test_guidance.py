@@ -213,6 +213,14 @@ def test_bad_input_is_rejected(make, error, match):
         cfg_triton.guidance(cond, uncond, gamma, **kw)
 
 
+def test_inputs_requiring_grad_are_refused_outside_no_grad():
+    cond = logits(2, 10).requires_grad_()
+    with pytest.raises(ValueError, match="no_grad"):
+        cfg_triton.guidance(cond, logits(2, 10), 1.5)
+    with torch.no_grad():
+        assert cfg_triton.guidance(cond, logits(2, 10), 1.5).shape == (2, 10)
+
+
 def test_torch_compile_fullgraph(backend):
     def step(scores, gamma):
         cond, uncond = scores.chunk(2)
