@@ -208,8 +208,8 @@ def launch(cond, uncond, out, stats, mode, gamma, gamma_rows, mix, mix_rows, n_s
 def specializations():
     """Every (kernel, signature, constexprs, num_warps) that `launch` can produce, for AOT checks.
 
-    Integer arguments are typed i32 and taken 16-divisible (the common case); the divisibility hint
-    changes vectorization, not register allocation in any way that matters for spills.
+    Integer arguments are typed i32 (`cfg_triton.aot` compiles each entry with and without the
+    16-divisibility hint the JIT attaches); a row stride past 2**31 elements would make them i64.
     """
     dtypes = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
     for in_t in dtypes.values():
