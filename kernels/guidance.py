@@ -65,6 +65,16 @@ def _row_start(c_ptr, u_ptr, stride_c, stride_u, gamma, gamma_ptr, GAMMA_PER_ROW
 
 
 @triton.jit
+def _load_tile(c_row, u_row, idx, end):
+    """Both branches at `idx` in fp32; lanes past `end` read as masked tokens (-inf), which every
+    statistic and the write pass ignore."""
+    inside = idx < end
+    c = tl.load(c_row + idx, mask=inside, other=float("-inf")).to(tl.float32)
+    u = tl.load(u_row + idx, mask=inside, other=float("-inf")).to(tl.float32)
+    return c, u, inside
+
+
+@triton.jit
 def _guidance_stats_kernel(
     c_ptr, u_ptr, stats_ptr, gamma, gamma_ptr, V, stride_c, stride_u, split_len,
     MODE: tl.constexpr, GAMMA_PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
@@ -84,9 +94,7 @@ def _guidance_stats_kernel(
     end = tl.minimum(start + split_len, V)
     for offset in range(start, end, BLOCK):
         idx = offset + lanes
-        inside = idx < end
-        c = tl.load(c_row + idx, mask=inside, other=float("-inf")).to(tl.float32)
-        u = tl.load(u_row + idx, mask=inside, other=float("-inf")).to(tl.float32)
+        c, u, inside = _load_tile(c_row, u_row, idx, end)
         c_max, c_scale, c_exp = _online_step(c_max, c)
         c_sum = c_sum * c_scale + c_exp
         u_max, u_scale, u_exp = _online_step(u_max, u)
@@ -153,9 +161,7 @@ def _guidance_write_kernel(
     end = tl.minimum(start + split_len, V)
     for offset in range(start, end, BLOCK):
         idx = offset + lanes
-        inside = idx < end
-        c = tl.load(c_row + idx, mask=inside, other=float("-inf")).to(tl.float32)
-        u = tl.load(u_row + idx, mask=inside, other=float("-inf")).to(tl.float32)
+        c, u, inside = _load_tile(c_row, u_row, idx, end)
         u_live = u != float("-inf")
         h = c + (1.0 - gamma) * (u - c)
         if MODE == _RAW:
