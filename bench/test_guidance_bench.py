@@ -63,15 +63,14 @@ def test_guidance(benchmark, device, impl, semantics, dtype, batch, vocab):
     gen = torch.Generator(device=device).manual_seed(0)
     cond = (torch.randn(batch, vocab, device=device, generator=gen) * 4).to(dtype)
     uncond = (torch.randn(batch, vocab, device=device, generator=gen) * 4).to(dtype)
-    key = (impl, semantics, dtype)
-    if impl == "compiled" and key not in _compiled:
-        start = time.perf_counter()
-        fn(cond, uncond, 1.5)
-        _sync()
-        _compiled[key] = (fn, time.perf_counter() - start)
-    if impl == "compiled":
-        fn = _compiled[key][0]
-        benchmark.extra_info["compile_s"] = _compiled[key][1]
+    if impl == "compiled":  # compile once per semantics and dtype; that first call is the compile time
+        key = (semantics, dtype)
+        if key not in _compiled:
+            start = time.perf_counter()
+            fn(cond, uncond, 1.5)
+            _sync()
+            _compiled[key] = (fn, time.perf_counter() - start)
+        fn, benchmark.extra_info["compile_s"] = _compiled[key]
 
     # On a GPU one round queues many calls and syncs once, so launch latency is measured and the
     # host's timer and sync overhead are not; the report divides by calls_per_round.

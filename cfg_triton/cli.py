@@ -64,24 +64,23 @@ def main(argv=None) -> int:
     sampling = dict(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p)
 
-    def run(label, **kw):
+    def run(label, guidance_scale, mix):
         print(f"--- {label} ---", flush=True)
         generator = torch.Generator().manual_seed(args.seed)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         t0 = time.perf_counter()
-        out = generate(model, ids, negative_input_ids=negative, mode=args.mode, mix=args.mix,
-                       max_new_tokens=args.max_new_tokens, generator=generator, streamer=streamer,
-                       **sampling, **kw)
+        out = generate(model, ids, negative_input_ids=negative, guidance_scale=guidance_scale,
+                       mix=mix, mode=args.mode, max_new_tokens=args.max_new_tokens,
+                       generator=generator, streamer=streamer, **sampling)
         new = out.shape[1] - ids.shape[1]
         seconds = time.perf_counter() - t0
         print(f"[{new} tokens in {seconds:.2f} s, {new / seconds:.1f} tokens/s]", file=sys.stderr)
 
     run(f"guided (scale {args.guidance_scale}{', mix %g' % args.mix if args.mix is not None else ''}, "
-        f"{args.mode})", guidance_scale=args.guidance_scale)
+        f"{args.mode})", args.guidance_scale, args.mix)
     if args.compare:
         # γ = 1 without a mix is the conditional distribution itself: the unguided continuation.
-        args.mix = None
-        run("unguided", guidance_scale=1.0)
+        run("unguided", 1.0, None)
     return 0
 
 

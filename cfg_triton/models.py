@@ -67,16 +67,16 @@ def load(name_or_path: str = "smollm2", *, dtype=None, use_cache_dir: bool = Tru
 
     folder, gguf = _resolve(name_or_path)
     kw = {} if dtype is None else {"dtype": dtype}
+    if gguf is not None:
+        source = folder / gguf
+        stat = source.stat()
+        key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+        converted = cache_dir() / "converted" / f"{source.stem}-{key[:16]}"
+        if use_cache_dir and (converted / "config.json").exists():
+            folder, gguf = converted, None
     if gguf is None:
         model = AutoModelForCausalLM.from_pretrained(folder, **kw).eval()
         return model, AutoTokenizer.from_pretrained(folder)
-    source = folder / gguf
-    stat = source.stat()
-    key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    converted = cache_dir() / "converted" / f"{source.stem}-{key}"
-    if use_cache_dir and (converted / "config.json").exists():
-        return (AutoModelForCausalLM.from_pretrained(converted, **kw).eval(),
-                AutoTokenizer.from_pretrained(converted))
     print(f"converting {gguf} (once; later runs load the cached checkpoint)", file=sys.stderr)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, **kw).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
