@@ -15,14 +15,16 @@ def warp_scores(scores, temperature=1.0, top_k=None, top_p=None):
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if temperature != 1.0:
         scores = scores / temperature
-    if top_k is not None and 0 < top_k < scores.shape[-1]:
+    if top_k is not None and top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        if not 0.0 < top_p:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
         tail_mass = sorted_scores.softmax(-1).cumsum(-1)
         drop = tail_mass <= 1 - top_p

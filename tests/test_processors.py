@@ -79,6 +79,13 @@ def test_warpers_match_transformers(temperature, top_k, top_p):
     torch.testing.assert_close(got[~torch.isneginf(got)], expected[~torch.isneginf(expected)])
 
 
+@pytest.mark.parametrize("kw, match", [(dict(temperature=0.0), "temperature"), (dict(top_k=0), "top_k"),
+                                       (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p")])
+def test_warper_arguments_are_checked(kw, match):
+    with pytest.raises(ValueError, match=match):
+        warp_scores(logits(2, 100), **kw)
+
+
 @pytest.mark.model
 def test_command_generates_and_compares(smollm2, capsys):
     from cfg_triton import cli
