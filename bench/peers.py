@@ -11,12 +11,14 @@ def min_bytes(batch, vocab, dtype):
     return 2 * batch * vocab * BYTES[dtype] + batch * vocab * 4
 
 
-def eager_reference(semantics):
-    return {
+def eager_reference(semantics, fp32=False):
+    """The literal reference; with `fp32`, on inputs upcast to float32 as the fused op computes."""
+    fn = {
         "raw": lambda c, u, g: reference.raw_cfg(c, u, g),
         "normalized": lambda c, u, g: reference.normalized_cfg(c, u, g),
         "interpolated": lambda c, u, g: reference.interpolated_cfg(c, u, g, 0.7),
     }[semantics]
+    return (lambda c, u, g: fn(c.float(), u.float(), g)) if fp32 else fn
 
 
 def transformers_math(semantics):

@@ -26,11 +26,12 @@ import report  # noqa: E402
 FILES = {"guidance": "test_guidance_bench.py", "generation": "test_generation_bench.py"}
 
 
-def copy_bandwidth(device: str) -> float:
-    """GB/s of `dst.copy_(src)` (bytes read plus bytes written) on a buffer far larger than caches."""
+def copy_bandwidth(device: str, small: bool = False) -> float:
+    """GB/s of `dst.copy_(src)` (bytes read plus bytes written) on a buffer far larger than caches
+    (`small`: a 4 MiB buffer, for smoke runs whose figures mean nothing)."""
     import torch
 
-    n = (1 << 29 if device == "cuda" else 1 << 26)  # 2 GiB / 256 MiB of fp32
+    n = 1 << 20 if small else (1 << 29 if device == "cuda" else 1 << 26)  # 2 GiB / 256 MiB of fp32
     src = torch.ones(n, device=device)
     dst = torch.empty_like(src)
     times = []

@@ -2,25 +2,50 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 
 import torch
 
 
-@functools.lru_cache(maxsize=None)
-def _cache_kw(model_type) -> str:
+_FORWARD_PARAMS = {}
+
+
+def _forward_params(model_type) -> frozenset:
+    # A plain dict rather than lru_cache: torch.compile traces through this lookup.
+    params = _FORWARD_PARAMS.get(model_type)
+    if params is None:
+        params = _FORWARD_PARAMS[model_type] = frozenset(inspect.signature(model_type.forward).parameters)
+    return params
+
+
+def forward_last(model, ids, mask, position_ids, cache, cache_position=None):
+    """One forward over `ids` `[R, T]`; returns the last position's fp32 logits `[R, V]` and the cache.
+
+    `cache_position` (`[T]`, the slots of a static cache being written) is passed to transformers
+    versions whose models still take it; newer ones track it inside the cache.
+    """
+    params = _forward_params(type(model))
     # transformers 5 names the KV cache argument `cache`; 4.x names it `past_key_values`.
-    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
-
-
-def forward_last(model, ids, mask, position_ids, cache):
-    """One forward over `ids` `[R, T]`; returns the last position's fp32 logits `[R, V]` and the cache."""
-    kw = {_cache_kw(type(model)): cache}
+    kw = {"cache" if "cache" in params else "past_key_values": cache}
+    if cache_position is not None and "cache_position" in params:
+        kw["cache_position"] = cache_position
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                 logits_to_keep=1, **kw)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     return out.logits[:, -1].float(), cache
+
+
+def static_cache(model, rows: int, length: int):
+    """A transformers `StaticCache` for `rows` sequences of up to `length` tokens.
+
+    The keyword arguments after `max_cache_len` are what transformers 4.x requires; later versions
+    size the cache lazily at its first update and ignore them.
+    """
+    from transformers import StaticCache
+
+    weight = next(model.parameters())
+    return StaticCache(config=model.config, max_cache_len=length, max_batch_size=rows,
+                       device=weight.device, dtype=weight.dtype)
 
 
 _NARROW_ROWS = 32

@@ -1,9 +1,8 @@
 """`cfg_triton.guidance`: validation, the registered torch op, and dispatch to Triton or torch."""
 from __future__ import annotations
 
-import contextlib
 import functools
-import math
+import numbers
 import os
 from typing import Optional
 
@@ -17,6 +16,8 @@ try:  # Triton has wheels for Linux only; elsewhere the torch path serves every 
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     _kernels = None
 
+_FP32_MAX = torch.finfo(torch.float32).max
+_FP64_MAX = torch.finfo(torch.float64).max
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 # The interpreter has no SMs; pretend to have a few so that small batches still split the vocabulary.
@@ -27,15 +28,12 @@ def triton_available() -> bool:
     return _kernels is not None
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def uses_triton(t: torch.Tensor) -> bool:
     """Whether `guidance` on tensors like `t` runs the Triton kernels (else the torch path)."""
     if _kernels is None or t.dtype not in _TRITON_FLOATS:
         return False
-    return t.is_cuda or (t.device.type == "cpu" and _interpreting())
+    # The interpreter flag is read per call: tests switch it per case.
+    return t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,20 +43,58 @@ def _num_sms(device: torch.device) -> int:
     return _INTERPRETER_SMS
 
 
+_scratch = {}
+
+
+def _stats_scratch(device: torch.device, numel: int) -> torch.Tensor:
+    """fp32 statistics scratch, reused across calls on one (device, stream).
+
+    Reuse is safe because the statistics are written and read by kernels queued on one stream;
+    another stream gets its own buffer. Inside CUDA-graph capture the buffer is a fresh allocation
+    from the graph's pool, so a captured graph never shares it with eager calls.
+    """
+    stream = None
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.empty(numel, dtype=torch.float32, device=device)
+        stream = torch.cuda.current_stream(device).cuda_stream
+    key = (device, stream)
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch[key] = torch.empty(max(numel, 1), dtype=torch.float32, device=device)
+    return buf
+
+
+def _aligned(t) -> bool:
+    return t is None or t.data_ptr() % 16 == 0
+
+
 def _run_triton(cond, uncond, gamma_rows, gamma, mix_rows, mix, mode, out_dtype):
     batch, vocab = cond.shape
-    out = torch.empty((batch, vocab), dtype=out_dtype, device=cond.device)
-    n_splits, split_len = _kernels.plan(batch, vocab, _num_sms(cond.device))
-    stats = torch.empty(batch * n_splits * _kernels.STATS if mode != RAW else 1,
-                        dtype=torch.float32, device=cond.device)
-    with torch.cuda.device(cond.device) if cond.is_cuda else contextlib.nullcontext():
-        _kernels.launch(cond, uncond, out, stats, mode, gamma, gamma_rows, mix, mix_rows,
-                        n_splits, split_len)
+    device = cond.device
+    out = torch.empty((batch, vocab), dtype=out_dtype, device=device)
+    n_splits, split_len = _kernels.plan(batch, vocab, _num_sms(device))
+    stats = _stats_scratch(device, batch * n_splits * _kernels.STATS if mode != RAW else 1)
+    if not cond.is_cuda:  # the interpreter: no compiled kernel to call directly
+        _kernels.launch(cond, uncond, out, stats, mode, gamma, gamma_rows, mix, mix_rows, n_splits,
+                        split_len)
+        return out
+    # Everything Triton specializes on: dtypes, integer arguments, pointer alignment (out and the
+    # scratch are fresh allocations, always aligned), and the device whose module is loaded.
+    key = (device.index, mode, cond.dtype, out_dtype, batch, vocab, cond.stride(0), uncond.stride(0),
+           n_splits, _aligned(cond) and _aligned(uncond), gamma_rows is None, _aligned(gamma_rows),
+           mix_rows is None, _aligned(mix_rows))
+    if device.index == torch.cuda.current_device():
+        _kernels.launch(cond, uncond, out, stats, mode, gamma, gamma_rows, mix, mix_rows, n_splits,
+                        split_len, key)
+    else:  # launches go to the current device's stream; switch only when it is another device
+        with torch.cuda.device(device):
+            _kernels.launch(cond, uncond, out, stats, mode, gamma, gamma_rows, mix, mix_rows,
+                            n_splits, split_len, key)
     return out
 
 
-@torch.library.custom_op("cfg_triton::guidance", mutates_args=())
-def _guidance_op(
+def _guidance_impl(
     cond: torch.Tensor,
     uncond: torch.Tensor,
     gamma_rows: Optional[torch.Tensor],
@@ -77,12 +113,27 @@ def _guidance_op(
     return torch_impl.guidance(cond, uncond, g, a, mode, out_dtype)
 
 
+# The registered op is what torch.compile traces; eager calls run `_guidance_impl` directly.
+_guidance_op = torch.library.custom_op("cfg_triton::guidance", _guidance_impl, mutates_args=())
+
+
 @_guidance_op.register_fake
 def _(cond, uncond, gamma_rows, gamma, mix_rows, mix, mode, out_dtype):
     return cond.new_empty(cond.shape, dtype=out_dtype)
 
 
 def _check_logits(cond, uncond) -> None:
+    # One compound test for the common case; the detailed messages are built only on failure.
+    if not (isinstance(cond, torch.Tensor) and isinstance(uncond, torch.Tensor)
+            and cond.dtype in _FLOATS and cond.dtype == uncond.dtype and cond.dim() == 2
+            and cond.shape == uncond.shape and cond.device == uncond.device):
+        _explain_bad_logits(cond, uncond)
+    if torch.is_grad_enabled() and (cond.requires_grad or uncond.requires_grad):
+        raise ValueError("guidance is an inference op without a backward; call it under "
+                         "torch.no_grad() (or differentiate cfg_triton.reference instead)")
+
+
+def _explain_bad_logits(cond, uncond) -> None:
     for name, t in (("cond", cond), ("uncond", uncond)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -98,44 +149,47 @@ def _check_logits(cond, uncond) -> None:
     if cond.shape[1] != uncond.shape[1]:
         raise ValueError(f"cond and uncond have different vocabularies: V = {cond.shape[1]} and "
                          f"{uncond.shape[1]}")
-    if torch.is_grad_enabled() and (cond.requires_grad or uncond.requires_grad):
-        raise ValueError("guidance is an inference op without a backward; call it under "
-                         "torch.no_grad() (or differentiate cfg_triton.reference instead)")
-    if cond.shape[0] != uncond.shape[0]:
-        raise ValueError(f"cond and uncond have different batch sizes: {cond.shape[0]} and "
-                         f"{uncond.shape[0]}")
+    raise ValueError(f"cond and uncond have different batch sizes: {cond.shape[0]} and "
+                     f"{uncond.shape[0]}")
 
 
 def _per_row(name: str, value, like: torch.Tensor, unit_interval: bool):
-    """A scalar or per-row `[B]` argument -> (float, None) or (0.0, fp32 `[B]` tensor on like's device)."""
-    def bad(what):
-        return ValueError(f"{name} must be {what}")
+    """A scalar or per-row `[B]` argument -> (float, None) or (0.0, fp32 `[B]` tensor on like's device).
 
-    batch = like.shape[0]
-    if isinstance(value, torch.Tensor):
-        if value.dtype == torch.bool or value.is_complex():
-            raise TypeError(f"{name} must be a real number or a tensor of real numbers, got {value.dtype}")
-        if value.device != like.device:
-            raise ValueError(f"{name} is on device {value.device} but the logits are on {like.device}")
-        if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
-            raise ValueError(f"{name} must be a scalar or a [B] tensor with B = {batch}, got shape "
-                             f"{tuple(value.shape)}")
-        rows = value.to(torch.float32).expand(batch).contiguous()
-        # Value checks read the tensor (a device sync); skipped only while torch.compile traces.
-        if not torch.compiler.is_compiling():
-            if not bool(torch.isfinite(rows).all()):
-                raise bad("finite")
-            if unit_interval and not bool(((rows >= 0) & (rows <= 1)).all()):
-                raise bad("in [0, 1]")
-        return 0.0, rows
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    Values must be representable in the compute dtype (float32, float64 for float64 logits). Values
+    of a tensor on an accelerator are not read: that would sync the device and break CUDA-graph
+    capture (see `guidance`).
+    """
+    limit = _FP64_MAX if like.dtype == torch.float64 else _FP32_MAX
+    if isinstance(value, (float, int)) and not isinstance(value, bool):
+        value = float(value)
+        if not -limit <= value <= limit:  # also False for NaN
+            raise ValueError(f"{name} must be finite and representable in the compute dtype "
+                             f"(|{name}| <= {limit:.4g}), got {value}")
+        if unit_interval and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
+        return value, None
+    if not isinstance(value, torch.Tensor):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return _per_row(name, float(value), like, unit_interval)  # NumPy and other real scalars
         raise TypeError(f"{name} must be a real number or a [B] tensor, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise bad(f"finite, got {value}")
-    if unit_interval and not 0.0 <= value <= 1.0:
-        raise bad(f"in [0, 1], got {value}")
-    return value, None
+    if value.dtype == torch.bool or value.is_complex():
+        raise TypeError(f"{name} must be a real number or a tensor of real numbers, got {value.dtype}")
+    if value.device != like.device:
+        raise ValueError(f"{name} is on device {value.device} but the logits are on {like.device}")
+    batch = like.shape[0]
+    if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
+        raise ValueError(f"{name} must be a scalar or a [B] tensor with B = {batch}, got shape "
+                         f"{tuple(value.shape)}")
+    rows = value.to(torch.float64 if like.dtype == torch.float64 else torch.float32)
+    rows = rows.expand(batch).contiguous()
+    if rows.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(torch.isfinite(rows).all()):
+            raise ValueError(f"{name} must be finite and representable in the compute dtype "
+                             f"(|{name}| <= {limit:.4g})")
+        if unit_interval and not bool(((rows >= 0) & (rows <= 1)).all()):
+            raise ValueError(f"{name} must be in [0, 1]")
+    return 0.0, rows
 
 
 def guidance(
@@ -153,8 +207,9 @@ def guidance(
         cond: `[B, V]` logits given the prompt; float16, bfloat16, float32 or float64. Rows may be
             strided (`logits[:, -1, :]`, or the halves of a stacked `[2B, V]` tensor) at no copy.
         uncond: `[B, V]` logits of the unconditional or negative-prompt branch; same dtype, device.
-        guidance_scale: γ, a finite float or a `[B]` tensor (one γ per row).
-        mix: α in [0, 1] (float or `[B]` tensor) for the interpolated semantics, else None.
+        guidance_scale: γ, a real number (Python or NumPy) or a `[B]` tensor (one γ per row); it
+            must be finite in the compute dtype (|γ| <= 3.4e38 for float32 math).
+        mix: α in [0, 1] (number or `[B]` tensor) for the interpolated semantics, else None.
         normalize: with `mix=None`, whether to normalize (see below).
         out_dtype: dtype of the result (float32 by default; math is float32, float64 for float64).
 
@@ -173,6 +228,10 @@ def guidance(
         * NaN or `+inf` in a row's input makes that row's output NaN (raw mode: that element); it is
           not checked for, so that the op never syncs.
 
+    Tensor γ and α are checked on the CPU only: reading the values of a GPU tensor would sync the
+    device and break CUDA-graph capture, so there a non-finite γ gives its row NaN and a mix outside
+    [0, 1] is used as given. The op itself never reads device values on a GPU.
+
     An inference op: inputs that require grad raise unless grad mode is off.
     CUDA tensors run the Triton kernels; CPU tensors run the torch path (with `TRITON_INTERPRET=1`
     they run the Triton kernels in Triton's interpreter); float64 always runs the torch path.
@@ -185,12 +244,12 @@ def guidance(
     _check_logits(cond, uncond)
     mode = INTERPOLATED if mix is not None else NORMALIZED if normalize else RAW
     gamma, gamma_rows = _per_row("guidance_scale", guidance_scale, cond, unit_interval=False)
-    mix_value, mix_rows = _per_row("mix", 0.0 if mix is None else mix, cond, unit_interval=True)
+    mix_value, mix_rows = (0.0, None) if mix is None else _per_row("mix", mix, cond, unit_interval=True)
     if cond.stride(1) != 1:
         cond = cond.contiguous()
     if uncond.stride(1) != 1:
         uncond = uncond.contiguous()
     # The registered op is what torch.compile traces; eager calls skip the dispatcher's overhead
     # (about 12 µs a call, a third of the whole op at B = 1 on a CPU).
-    op = torch.ops.cfg_triton.guidance if torch.compiler.is_compiling() else _guidance_op._init_fn
+    op = _guidance_op if torch.compiler.is_compiling() else _guidance_impl
     return op(cond, uncond, gamma_rows, gamma, mix_rows, mix_value, mode, out_dtype)

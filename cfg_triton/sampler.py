@@ -1,9 +1,12 @@
 """CFG generation for any transformers causal LM: a prefill, a decode step, a stopping rule."""
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
-from .lm import forward_last, narrow_linears, positions
+from .lm import forward_last, narrow_linears, positions, static_cache
 from .ops import guidance
 from .processors import warp_scores
 
@@ -18,9 +21,14 @@ def _left_pad(ids, mask, length):
 
 
 class _Branches:
-    """The conditional and unconditional inputs, run as one `[2B]` batch or as two `[B]` batches."""
+    """The conditional and unconditional inputs, run as one `[2B]` batch or as two `[B]` batches.
 
-    def __init__(self, model, cond, uncond, batched):
+    With `new_tokens` set, each branch gets a transformers `StaticCache` and a mask of its final
+    length, so every decode step has the same shapes and addresses: `decode` can then be compiled,
+    and on CUDA replayed as a graph. Otherwise caches and masks grow step by step.
+    """
+
+    def __init__(self, model, cond, uncond, batched, new_tokens=None):
         self.model, self.batched = model, batched
         if batched:
             length = max(cond[0].shape[1], uncond[0].shape[1])
@@ -28,23 +36,62 @@ class _Branches:
             self.inputs = [(torch.cat([cond[0], uncond[0]]), torch.cat([cond[1], uncond[1]]))]
         else:
             self.inputs = [cond, uncond]
-        self.caches = [None] * len(self.inputs)
-        self.masks = [mask for _, mask in self.inputs]
+        self.seen = [ids.shape[1] for ids, _ in self.inputs]  # columns filled so far, per branch
+        # The cache slot a step writes, counted on the device: no host-to-device copy per step.
+        self.slots = [torch.full((1,), ids.shape[1] - 1, device=ids.device) for ids, _ in self.inputs]
+        if new_tokens is None:
+            self.caches = [None] * len(self.inputs)
+            self.masks = [mask for _, mask in self.inputs]
+        else:
+            self.caches = [static_cache(model, ids.shape[0], ids.shape[1] + new_tokens)
+                           for ids, _ in self.inputs]
+            self.masks = [torch.cat([mask, mask.new_zeros((mask.shape[0], new_tokens))], dim=1)
+                          for _, mask in self.inputs]
 
-    def logits(self, ids=None):
-        """Prefill when `ids` is None, else one decode step with `ids` `[B, 1]`: (cond, uncond) logits."""
+    def prefill(self):
+        """Runs the prompts; returns the (cond, uncond) logits of their last positions."""
         outs = []
-        for i, (first_ids, _) in enumerate(self.inputs):
-            if ids is None:
-                step_ids, pos = first_ids, positions(self.masks[i])
-            else:
-                step_ids = torch.cat([ids, ids]) if self.batched else ids
-                self.masks[i] = torch.cat([self.masks[i], self.masks[i].new_ones(step_ids.shape)], dim=1)
-                pos = self.masks[i].sum(-1, keepdim=True) - 1
-            logits, self.caches[i] = forward_last(self.model, step_ids, self.masks[i], pos,
-                                                  self.caches[i])
+        for i, (ids, _) in enumerate(self.inputs):
+            mask = self.masks[i]
+            slots = torch.arange(ids.shape[1], device=ids.device)
+            logits, self.caches[i] = forward_last(self.model, ids, mask, positions(mask[:, : ids.shape[1]]),
+                                                  self.caches[i], slots)
             outs.append(logits)
         return outs[0].chunk(2) if self.batched else outs
+
+    def advance(self):
+        """Opens one more column in every branch's mask: (masks, positions, cache slots) of a step."""
+        position_ids = []
+        for i, mask in enumerate(self.masks):
+            if mask.shape[1] == self.seen[i]:  # growing: append a column
+                self.masks[i] = mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            else:  # static: the column exists, set it
+                mask[:, self.seen[i]] = 1
+            position_ids.append(mask.sum(-1, keepdim=True) - 1)
+            self.slots[i].add_(1)
+            self.seen[i] += 1
+        return self.masks, position_ids, self.slots
+
+
+def decode(model, batched, caches, ids, masks, position_ids, slots, guidance_scale, mix):
+    """One decode step of both branches: forward on `ids` `[B]`, then guidance -> `[B, V]` scores.
+
+    A pure function of its tensor arguments (the static caches are updated in place), so that it
+    compiles as one graph and, on CUDA, replays as one CUDA graph.
+    """
+    step_ids = (torch.cat([ids, ids]) if batched else ids)[:, None]
+    logits = [forward_last(model, step_ids, mask, pos, cache, slot)[0]
+              for mask, pos, cache, slot in zip(masks, position_ids, caches, slots)]
+    cond, uncond = logits[0].chunk(2) if batched else logits
+    return guidance(cond, uncond, guidance_scale, mix=mix)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_decode(device_type: str):
+    # CUDA: "reduce-overhead" captures the step as a CUDA graph, where a small model's decode step
+    # is otherwise bound by Python and kernel launches. Elsewhere inductor compiles it plainly.
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    return torch.compile(decode, fullgraph=True, dynamic=False, mode=mode)
 
 
 def _as_list(token_ids):
@@ -57,7 +104,8 @@ def _as_list(token_ids):
 def generate(model, input_ids, attention_mask=None, *, negative_input_ids=None,
              negative_attention_mask=None, guidance_scale=1.5, mix=None, mode="batched",
              max_new_tokens=64, min_new_tokens=0, do_sample=False, temperature=1.0, top_k=None,
-             top_p=None, eos_token_id=None, pad_token_id=None, generator=None, streamer=None):
+             top_p=None, eos_token_id=None, pad_token_id=None, generator=None, streamer=None,
+             compile=False):
     """Generates with classifier-free guidance; returns `[B, T + n]` ids, the prompt then new tokens.
 
     `input_ids`/`attention_mask`: left-padded prompts `[B, T]`. The unconditional branch is
@@ -68,21 +116,28 @@ def generate(model, input_ids, attention_mask=None, *, negative_input_ids=None,
     token. `mode="batched"` runs both branches as one `[2B]` forward; `"sequential"` runs two `[B]`
     forwards with separate caches (less peak memory). Finished rows are padded with `pad_token_id`;
     EOS and pad default to the model's generation config. `streamer` gets `put(ids)` / `end()`.
+
+    `compile=True` runs the decode step (both forwards and the guidance) with static KV caches
+    through `torch.compile`, as a CUDA graph on CUDA ("reduce-overhead"); the prefill stays eager.
+    It compiles once per model, batch shape and length, so it pays off for repeated calls of one
+    shape. Tokens are the same as eager: sampling draws from the same generator in the same order.
     """
     branches, eos, pad_id = _prepare(model, input_ids, attention_mask, negative_input_ids,
                                      negative_attention_mask, mode, max_new_tokens, min_new_tokens,
-                                     eos_token_id, pad_token_id)
+                                     eos_token_id, pad_token_id, compile)
+    step_fn = _compiled_decode(input_ids.device.type) if compile else decode
+    graphs = compile and input_ids.device.type == "cuda"
     eos_t = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     tokens = []
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    with narrow_linears(model):
-        cond, uncond = branches.logits()
+    with contextlib.nullcontext() if compile else narrow_linears(model):
+        cond, uncond = branches.prefill()
+        scores = guidance(cond, uncond, guidance_scale, mix=mix)
         for step in range(max_new_tokens):
-            scores = guidance(cond, uncond, guidance_scale, mix=mix)
             if step < min_new_tokens and eos:
-                scores[:, eos_t] = float("-inf")
+                scores = scores.index_fill(1, eos_t, float("-inf"))
             if do_sample:
                 probs = warp_scores(scores, temperature, top_k, top_p).softmax(-1)
                 next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
@@ -96,14 +151,17 @@ def generate(model, input_ids, attention_mask=None, *, negative_input_ids=None,
             finished |= torch.isin(shown, eos_t)
             if bool(finished.all()) or step + 1 == max_new_tokens:
                 break
-            cond, uncond = branches.logits(next_ids[:, None])
+            if graphs:  # the last step's outputs have been consumed: the graph may overwrite them
+                torch.compiler.cudagraph_mark_step_begin()
+            scores = step_fn(model, branches.batched, branches.caches, next_ids, *branches.advance(),
+                             guidance_scale, mix)
     if streamer is not None:
         streamer.end()
     return torch.cat([input_ids] + [t[:, None] for t in tokens], dim=1)
 
 
 def _prepare(model, input_ids, attention_mask, negative_input_ids, negative_attention_mask, mode,
-             max_new_tokens, min_new_tokens, eos_token_id, pad_token_id):
+             max_new_tokens, min_new_tokens, eos_token_id, pad_token_id, compile=False):
     """Validates `generate`'s arguments, fills in defaults; returns (branches, eos ids, pad id)."""
     if mode not in ("batched", "sequential"):
         raise ValueError(f"mode must be 'batched' or 'sequential', got {mode!r}")
@@ -124,6 +182,8 @@ def _prepare(model, input_ids, attention_mask, negative_input_ids, negative_atte
         negative_attention_mask = torch.ones_like(negative_input_ids)
     if negative_input_ids.shape[0] != input_ids.shape[0]:
         raise ValueError("negative_input_ids must have one row per prompt")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
     branches = _Branches(model, (input_ids, attention_mask), (negative_input_ids, negative_attention_mask),
-                         mode == "batched")
+                         mode == "batched", max_new_tokens if compile else None)
     return branches, eos, pad_id

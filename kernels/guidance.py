@@ -11,6 +11,8 @@ Statistics kept per (row, split), each a (max, sum of exp(x - max)) pair:
     h    log-sum-exp of h = c + (1 - γ)(u - c) over live tokens  (interpolated)
     m    log-sum-exp of cond over tokens masked only in uncond   (interpolated; shares c's max)
 """
+import functools
+
 import triton
 import triton.language as tl
 
@@ -178,6 +180,7 @@ def _guidance_write_kernel(
         tl.store(out_row + idx, val.to(out_ptr.dtype.element_ty), mask=inside)
 
 
+@functools.lru_cache(maxsize=1024)
 def plan(batch: int, vocab: int, num_sms: int) -> tuple[int, int]:
     """(number of vocabulary splits per row, elements per split) for a `[batch, vocab]` problem.
 
@@ -190,25 +193,48 @@ def plan(batch: int, vocab: int, num_sms: int) -> tuple[int, int]:
     return triton.cdiv(tiles, tiles_per_split), tiles_per_split * BLOCK
 
 
-def launch(cond, uncond, out, stats, mode, gamma, gamma_rows, mix, mix_rows, n_splits, split_len):
+# Kernels already compiled for one specialization, called without Triton's JIT dispatch: binding,
+# specializing and hashing the arguments costs more host time than a decode-sized launch itself.
+_compiled = {}
+
+
+def _run(kernel, grid, key, args, constexprs):
+    """Launches `kernel(*args, **constexprs)` on `grid`.
+
+    The first launch of a specialization goes through Triton's JIT, which compiles it and returns the
+    compiled kernel; later launches with the same `key` call that compiled kernel directly, with every
+    parameter positional (constexprs included) as the JIT itself does. `key` must determine the
+    specialization: the caller includes dtypes, integer values and pointer alignment in it.
+    """
+    runner = _compiled.get(key)
+    if runner is not None:
+        runner(*args, *constexprs.values())
+        return
+    compiled = kernel[grid](*args, **constexprs, num_warps=NUM_WARPS)
+    if key is not None and compiled is not None and hasattr(compiled, "__getitem__"):
+        _compiled[key] = compiled[grid]
+
+
+def launch(cond, uncond, out, stats, mode, gamma, gamma_rows, mix, mix_rows, n_splits, split_len,
+           key=None):
     """Runs the guidance kernels on `[B, V]` row-strided `cond`/`uncond` into contiguous `out`.
 
     `stats` is fp32 scratch of at least `B * n_splits * STATS` floats (unused in raw mode). `gamma` and
-    `mix` are floats used when `gamma_rows` / `mix_rows` (fp32 `[B]`) are None.
+    `mix` are floats used when `gamma_rows` / `mix_rows` (fp32 `[B]`) are None. With a `key` that fixes
+    the specialization (see `_run`), repeated launches skip Triton's JIT dispatch; None always uses it.
     """
     batch, vocab = cond.shape
     grid = (batch, n_splits)
+    gamma_per_row, mix_per_row = gamma_rows is not None, mix_rows is not None
     if mode != RAW:
-        _guidance_stats_kernel[grid](
-            cond, uncond, stats, gamma, gamma_rows, vocab, cond.stride(0), uncond.stride(0), split_len,
-            MODE=mode, GAMMA_PER_ROW=gamma_rows is not None, BLOCK=BLOCK, num_warps=NUM_WARPS,
-        )
-    _guidance_write_kernel[grid](
-        cond, uncond, out, stats, gamma, gamma_rows, mix, mix_rows,
-        vocab, cond.stride(0), uncond.stride(0), split_len, n_splits,
-        MODE=mode, GAMMA_PER_ROW=gamma_rows is not None, MIX_PER_ROW=mix_rows is not None,
-        MAX_SPLITS=MAX_SPLITS, BLOCK=BLOCK, num_warps=NUM_WARPS,
-    )
+        _run(_guidance_stats_kernel, grid, key and ("stats",) + key,
+             (cond, uncond, stats, gamma, gamma_rows, vocab, cond.stride(0), uncond.stride(0), split_len),
+             dict(MODE=mode, GAMMA_PER_ROW=gamma_per_row, BLOCK=BLOCK))
+    _run(_guidance_write_kernel, grid, key and ("write",) + key,
+         (cond, uncond, out, stats, gamma, gamma_rows, mix, mix_rows, vocab, cond.stride(0),
+          uncond.stride(0), split_len, n_splits),
+         dict(MODE=mode, GAMMA_PER_ROW=gamma_per_row, MIX_PER_ROW=mix_per_row, MAX_SPLITS=MAX_SPLITS,
+              BLOCK=BLOCK))
 
 
 def specializations():

@@ -47,3 +47,19 @@ def smollm2():
 def gemma3():
     """The bundled Gemma 3 270M base model (vocabulary 262,144), loaded once: `(model, tokenizer)`."""
     return _bundled("gemma3")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """A 2-layer random Llama (vocabulary 512) whose output head is scaled up so that its next-token
+    distributions are peaked: greedy choices then do not hinge on float rounding near ties."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=None, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    return model

@@ -1,5 +1,6 @@
 """The benchmark harness, checked without a GPU: result format, plotting, README tables, gpu.sh."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,9 +85,53 @@ def test_gpu_script_parses_and_helps():
     subprocess.run(["bash", "-n", str(script)], check=True)
     help_text = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True,
                                check=True).stdout
-    assert "bare CUDA machine" in help_text
+    assert "offline" in help_text and "--smoke" in help_text
 
 
 def test_run_rejects_unknown_section():
     with pytest.raises(SystemExit):
         run.main(["--only", "nonsense"])
+
+
+SOCKET_BLOCKER = '''
+import socket
+
+def _refuse(*args, **kwargs):
+    raise OSError("network access attempted during the offline GPU-command smoke test")
+
+socket.socket.connect = socket.socket.connect_ex = _refuse
+socket.create_connection = _refuse
+'''
+
+
+def test_gpu_command_runs_offline_in_smoke_mode(tmp_path):
+    """bench/gpu.sh end to end on the CPU at tiny sizes: no package index, no hub, every socket
+    connection refused; the summary comes last and the files are what a GPU run returns."""
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(SOCKET_BLOCKER)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRITON_", "PIP_", "HF_"))}
+    env.update(PYTHON=sys.executable, PIP_NO_INDEX="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(blocker))
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), str(out), "--smoke"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and all(p.is_file() for p in out.iterdir())
+    (results_file,) = [f for f in files if f.endswith(".json")]
+    assert {"log.txt", "summary.txt", "tests.xml", "tests.log"} <= set(files)
+    summary = (out / "summary.txt").read_text().strip()
+    assert proc.stdout.rstrip().endswith(summary)
+    results = json.loads((out / results_file).read_text())
+    assert results["plan"] == "smoke" and results["machine"]["device"] == "cpu"
+    assert all(v.startswith("ok") for v in results["sections"].values()), results["sections"]
+    tests = results["tests"]
+    assert tests["tests"] > 50 and tests["failures"] == 0 and tests["errors"] == 0
+    assert results["parity"] == {"model": "tiny", "tokens": 4, "batched": True, "sequential": True,
+                                 "compiled": True}
+    semantics = {p["semantics"] for p in results["guidance"]}
+    assert semantics == {"raw", "normalized", "interpolated"}
+    assert {g["impl"] for g in results["generation"]} >= {"plain", "transformers_cfg",
+                                                          "cfg_triton_batched", "cfg_triton_compiled"}
+    assert "network" not in proc.stdout + proc.stderr
+    assert "greedy parity with transformers CFG: batched OK" in summary

@@ -1,4 +1,5 @@
 """`cfg_triton.guidance` against the float64 reference, on the torch path and the Triton kernels."""
+import numpy as np
 import pytest
 import torch
 
@@ -192,6 +193,10 @@ def test_offsets_beyond_int32(backend):
         (lambda: (logits(2, 10), torch.empty(2, 10, device="meta"), 1.5, {}), ValueError, "device"),
         (lambda: (logits(2, 10), logits(2, 10), float("inf"), {}), ValueError, "finite"),
         (lambda: (logits(2, 10), logits(2, 10), float("nan"), {}), ValueError, "finite"),
+        # finite in Python but not in float32, the compute dtype
+        (lambda: (logits(2, 10), logits(2, 10), 1e39, {}), ValueError, "representable"),
+        (lambda: (logits(2, 10), logits(2, 10), torch.tensor([1.0, 1e39], dtype=torch.float64), {}),
+         ValueError, "representable"),
         (lambda: (logits(2, 10), logits(2, 10), torch.tensor([1.0, float("nan")]), {}), ValueError,
          "finite"),
         (lambda: (logits(2, 10), logits(2, 10), torch.ones(3), {}), ValueError, r"\[B\]"),
@@ -211,6 +216,19 @@ def test_bad_input_is_rejected(make, error, match):
     cond, uncond, gamma, kw = make()
     with pytest.raises(error, match=match):
         cfg_triton.guidance(cond, uncond, gamma, **kw)
+
+
+def test_numpy_scalars_are_numbers(backend):
+    cond, uncond = logits(2, 300), logits(2, 300)
+    for gamma, mix in ((np.float32(1.5), np.float64(0.7)), (np.int64(2), np.float32(0.25))):
+        assert_matches(cfg_triton.guidance(cond, uncond, gamma, mix=mix),
+                       expected(cond, uncond, float(gamma), mix=float(mix)))
+
+
+def test_float64_logits_take_any_finite_float64_scale():
+    cond, uncond = logits(2, 50, torch.float64), logits(2, 50, torch.float64)
+    out = cfg_triton.guidance(cond, uncond, 1e39, normalize=False, out_dtype=torch.float64)
+    torch.testing.assert_close(out, expected(cond, uncond, 1e39, normalize=False))
 
 
 def test_inputs_requiring_grad_are_refused_outside_no_grad():
