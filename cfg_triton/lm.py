@@ -1,10 +1,15 @@
-"""Calling a transformers causal LM: one cached forward, positions from masks, a CPU matmul fix."""
+"""Calling a transformers causal LM: one cached forward, static caches, positions from masks, and a
+thread-local CPU matmul route for few-row linear layers."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
+import os
+import time
 
 import torch
+import torch.nn.functional as F
 
 
 _FORWARD_PARAMS = {}
@@ -51,34 +56,75 @@ def static_cache(model, rows: int, length: int):
 _NARROW_ROWS = 32
 
 
-def _narrow_linear(self, x):
+def _narrow_linear(x, weight, bias):
     rows = x.numel() // x.shape[-1]
-    if rows > _NARROW_ROWS:
-        return torch.nn.functional.linear(x, self.weight, self.bias)
-    out = (self.weight @ x.reshape(rows, -1).T).T.contiguous()
-    if self.bias is not None:
-        out += self.bias
+    out = (weight @ x.reshape(rows, -1).T).T.contiguous()
+    if bias is not None:
+        out += bias
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+class _NarrowLinears(torch.overrides.TorchFunctionMode):
+    """Routes few-row CPU `F.linear` calls to `W @ x.T`; see `narrow_linears`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            # Plain dense CPU weights only: tensor subclasses (quantized, sharded) keep their path.
+            if (type(weight) in _PLAIN and weight.device.type == "cpu" and x.dtype == weight.dtype
+                    and x.numel() <= _NARROW_ROWS * x.shape[-1] and x.numel() > 0):
+                return _narrow_linear(x, weight, bias)
+        return func(*args, **kwargs)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+@functools.lru_cache(maxsize=None)
+def narrow_product_is_faster() -> bool:
+    """Whether this CPU's `W @ x.T` beats `F.linear` at 2 rows, timed once per process (~50 ms).
+
+    Set `CFG_TRITON_NARROW_LINEAR=1` or `0` to force the answer. The gap depends on the CPU and its
+    BLAS: on an AMD EPYC `F.linear` at 2 rows ran 2-3x slower than `W @ x.T`; on an Intel Xeon
+    `W @ x.T` ran 3x slower than `F.linear` (bench/results/narrow-linear.txt).
+    """
+    forced = os.environ.get("CFG_TRITON_NARROW_LINEAR")
+    if forced in ("0", "1"):
+        return forced == "1"
+    gen = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(8192, 576, generator=gen), torch.randn(2, 576, generator=gen)
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(7):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with torch.inference_mode():
+        return best(lambda: _narrow_linear(x, weight, None)) < 0.8 * best(lambda: F.linear(x, weight))
 
 
 @contextlib.contextmanager
 def narrow_linears(model):
-    """Computes a CPU model's linear layers as `W @ x.T` while few rows go through them.
+    """Computes few-row CPU linear layers as `W @ x.T` in this thread while the block runs, where
+    that measured faster on this CPU (`narrow_product_is_faster`).
 
-    MKL's `F.linear` with 2 or 3 rows runs 2-3x slower than with 1 or 4, and a 2x batch at B = 1
-    lands on it in every layer at every step. SmolLM2's output head (49,152 x 576) measured 15.5 ms
-    at 2 rows through `F.linear` and 4.4 ms as `W @ x.T` (7.8 ms at 1 row either way).
+    Where MKL's `F.linear` with 2 or 3 rows is slow, a 2x batch at B = 1 lands on it in every layer
+    at every step. A torch function mode, not a patch of the model: modes are thread-local, so the
+    model and every other thread using it keep their usual `forward`. The mode costs a few µs per
+    torch call in this thread, so it is entered only where the product pays for it.
     """
-    # Exact nn.Linear only: subclasses (quantized layers and the like) keep their own forward.
-    layers = [m for m in model.modules() if type(m) is torch.nn.Linear
-              and m.weight.device.type == "cpu" and "forward" not in vars(m)]
-    for layer in layers:
-        layer.forward = _narrow_linear.__get__(layer)
-    try:
+    weight = next(model.parameters(), None)
+    if weight is None or weight.device.type != "cpu" or not narrow_product_is_faster():
         yield
-    finally:
-        for layer in layers:
-            del layer.forward
+        return
+    with _NarrowLinears():
+        yield
 
 
 def positions(mask):

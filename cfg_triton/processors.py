@@ -1,6 +1,9 @@
 """Drop-in logits processors for `model.generate`, the sampling warpers, and `patch_transformers`."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from .lm import forward_last, positions
@@ -13,12 +16,7 @@ def warp_scores(scores, temperature=1.0, top_k=None, top_p=None):
     Same semantics as transformers' warpers: top-p keeps the smallest set of most likely tokens whose
     probability reaches `top_p`, and always at least one token.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_warpers(temperature, top_k, top_p)
     if temperature != 1.0:
         scores = scores / temperature
     if top_k is not None and top_k < scores.shape[-1]:
@@ -31,6 +29,23 @@ def warp_scores(scores, temperature=1.0, top_k=None, top_p=None):
         drop[:, -1] = False
         scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return scores
+
+
+MIN_TEMPERATURE = 1e-6
+
+
+def check_warpers(temperature=1.0, top_k=None, top_p=None):
+    """Raises a ValueError naming the first bad sampling parameter."""
+    if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
+            or not MIN_TEMPERATURE <= temperature < math.inf):
+        raise ValueError(f"temperature must be a finite number >= {MIN_TEMPERATURE:g} (below it the "
+                         f"scaled scores overflow; use greedy decoding instead), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral)
+                              or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real)
+                              or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
 class CFGLogitsProcessor:
@@ -86,7 +101,7 @@ class UnbatchedCFGLogitsProcessor:
         return logits
 
     def __call__(self, input_ids, scores):
-        if self.guidance_scale == 1 and self.mix is None:
+        if isinstance(self.guidance_scale, numbers.Real) and self.guidance_scale == 1 and self.mix is None:
             return torch.log_softmax(scores, dim=-1)
         uncond = self._unconditional_logits(input_ids).to(scores.dtype)
         return guidance(scores, uncond, self.guidance_scale, mix=self.mix, out_dtype=scores.dtype)

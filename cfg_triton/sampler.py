@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
+import warnings
 
 import torch
 
 from .lm import forward_last, narrow_linears, positions, static_cache
 from .ops import guidance
-from .processors import warp_scores
+from .processors import check_warpers, warp_scores
 
 
 def _left_pad(ids, mask, length):
@@ -122,6 +124,8 @@ def generate(model, input_ids, attention_mask=None, *, negative_input_ids=None,
     It compiles once per model, batch shape and length, so it pays off for repeated calls of one
     shape. Tokens are the same as eager: sampling draws from the same generator in the same order.
     """
+    if do_sample:
+        check_warpers(temperature, top_k, top_p)
     branches, eos, pad_id = _prepare(model, input_ids, attention_mask, negative_input_ids,
                                      negative_attention_mask, mode, max_new_tokens, min_new_tokens,
                                      eos_token_id, pad_token_id, compile)
@@ -162,28 +166,81 @@ def generate(model, input_ids, attention_mask=None, *, negative_input_ids=None,
 
 def _prepare(model, input_ids, attention_mask, negative_input_ids, negative_attention_mask, mode,
              max_new_tokens, min_new_tokens, eos_token_id, pad_token_id, compile=False):
-    """Validates `generate`'s arguments, fills in defaults; returns (branches, eos ids, pad id)."""
+    """Validates `generate`'s arguments before any model work, fills in defaults, left-aligns
+    right-padded rows; returns (branches, eos ids, pad id)."""
     if mode not in ("batched", "sequential"):
         raise ValueError(f"mode must be 'batched' or 'sequential', got {mode!r}")
-    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be a non-empty [B, T] tensor, got shape {tuple(input_ids.shape)}")
-    if max_new_tokens < 0 or min_new_tokens < 0:
-        raise ValueError("max_new_tokens and min_new_tokens must be >= 0")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
+    for name, value in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     config = getattr(model, "generation_config", None)
     eos = _as_list(eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None))
     pad_id = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
     pad_id = pad_id if pad_id is not None else (eos[0] if eos else 0)
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if negative_input_ids is None:  # transformers' default: the prompt's last token
-        negative_input_ids = input_ids[:, -1:]
-        negative_attention_mask = torch.ones_like(negative_input_ids)
-    elif negative_attention_mask is None:
-        negative_attention_mask = torch.ones_like(negative_input_ids)
-    if negative_input_ids.shape[0] != input_ids.shape[0]:
-        raise ValueError("negative_input_ids must have one row per prompt")
-    if not isinstance(compile, bool):
-        raise TypeError(f"compile must be True or False, got {compile!r}")
+    input_ids, attention_mask = _checked_tokens("input_ids", input_ids, attention_mask, pad_id)
+    batch = input_ids.shape[0]
+    if negative_input_ids is None:
+        if negative_attention_mask is not None:
+            raise ValueError("negative_attention_mask was given without negative_input_ids")
+        # transformers' default: each prompt's last token (the prompt is left-aligned by now)
+        negative_input_ids, negative_attention_mask = input_ids[:, -1:], attention_mask[:, -1:]
+    else:
+        negative_input_ids, negative_attention_mask = _checked_tokens(
+            "negative_input_ids", negative_input_ids, negative_attention_mask, pad_id,
+            empty=_bos(model, batch, input_ids))
+        if negative_input_ids.shape[0] != batch:
+            raise ValueError(f"negative_input_ids must have one row per prompt: {batch} prompts, "
+                             f"{negative_input_ids.shape[0]} negative rows")
     branches = _Branches(model, (input_ids, attention_mask), (negative_input_ids, negative_attention_mask),
                          mode == "batched", max_new_tokens if compile else None)
     return branches, eos, pad_id
+
+
+def _bos(model, batch, like):
+    """`[B, 1]` of the model's BOS token: what an empty negative prompt conditions on, as an empty
+    prompt does in the CFG paper. None when the model has no BOS token."""
+    bos = getattr(getattr(model, "generation_config", None), "bos_token_id", None)
+    if bos is None:
+        bos = getattr(getattr(model, "config", None), "bos_token_id", None)
+    return None if bos is None else torch.full((batch, 1), int(bos), dtype=like.dtype, device=like.device)
+
+
+def _checked_tokens(name, ids, mask, pad_id, empty=None):
+    """A `[B, T]` id tensor and its mask, checked, with every row's tokens moved to the right end.
+
+    `[B, 0]` ids (an empty prompt) become `empty` where given. Right padding, or any other layout,
+    is made left padding by a stable sort on the mask, so each row keeps its token order.
+    """
+    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer torch.Tensor [B, T] (e.g. tokenizer(..., "
+                        f"return_tensors='pt').input_ids), got {type(ids).__name__}")
+    if ids.dim() != 2 or ids.shape[0] == 0:
+        raise ValueError(f"{name} must be a [B, T] tensor with B >= 1, got shape {tuple(ids.shape)}")
+    if ids.shape[1] == 0 or (mask is not None and mask.shape == ids.shape and not mask.any(dim=1).all()):
+        if empty is None:
+            raise ValueError(f"{name} has a row without tokens (T = 0 or an all-zero mask row); "
+                             "give every row at least one token")
+        if ids.shape[1] == 0 or not mask.any():  # wholly empty: every row conditions on `empty`
+            return empty, torch.ones_like(empty)
+        # Some rows empty: they get `empty`'s token, the others keep theirs.
+        dead = ~mask.bool().any(dim=1, keepdim=True)
+        ids = torch.cat([ids, torch.where(dead, empty, pad_id)], dim=1)
+        mask = torch.cat([mask, dead.to(mask.dtype)], dim=1)
+    if mask is None:
+        if ids.shape[0] > 1 and bool(((ids[:, 0] == pad_id) | (ids[:, -1] == pad_id)).any()):
+            warnings.warn(f"{name} begins or ends with the pad token {pad_id} in some rows but no "
+                          "attention mask was given: padding is then read as text. Pass the "
+                          "tokenizer's attention_mask.", stacklevel=4)
+        return ids, torch.ones_like(ids)
+    if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
+        raise ValueError(f"the attention mask of {name} must have its shape {tuple(ids.shape)}, got "
+                         f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    if mask.device != ids.device:
+        raise ValueError(f"{name} is on {ids.device} but its attention mask is on {mask.device}")
+    mask = mask.to(torch.long)
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):  # not left-padded: move tokens to the right end
+        order = torch.sort(mask, dim=1, stable=True).indices
+        ids, mask = ids.gather(1, order), mask.gather(1, order)
+    return ids, mask

@@ -154,7 +154,7 @@ def test_streamer_protocol(smollm2):
     assert [p[0] for p in rec.puts[1:]] == out[0, ids.shape[1]:].tolist()
 
 
-def test_linear_layers_are_restored(smollm2):
+def test_the_model_is_never_patched(smollm2):
     model, tok = smollm2
     cfg_triton.generate(model, _ids(tok, "Hi"), max_new_tokens=2)
     assert not any("forward" in vars(m) for m in model.modules())
@@ -169,3 +169,132 @@ def test_bad_arguments(smollm2):
         cfg_triton.generate(model, ids, negative_input_ids=torch.ones(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\[B, T\]"):
         cfg_triton.generate(model, ids[0])
+
+
+def _right_padded(tok, texts):
+    rows = [_ids(tok, t)[0] for t in texts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id or 0)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def test_right_padded_batch_gives_each_rows_solo_output(smollm2):
+    """The tokenizer's default (right) padding with its mask: each row still computes what it would
+    alone, in both branches."""
+    model, tok = smollm2
+    texts = PROMPTS + ["Hi"]
+    ids, mask = _right_padded(tok, texts)
+    neg, neg_mask = _right_padded(tok, NEGATIVES + ["No"])
+    out = cfg_triton.generate(model, ids, mask, negative_input_ids=neg, negative_attention_mask=neg_mask,
+                              max_new_tokens=6, min_new_tokens=6)
+    for i, text in enumerate(texts):
+        solo = cfg_triton.generate(model, _ids(tok, text), negative_input_ids=_ids(tok, (NEGATIVES + ["No"])[i]),
+                                   max_new_tokens=6, min_new_tokens=6)
+        assert out[i, -6:].tolist() == solo[0, -6:].tolist(), text
+
+
+def test_padding_without_a_mask_warns(tiny_llama):
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])  # pad id 0 at the end of row 1
+    with pytest.warns(UserWarning, match="attention mask"):
+        cfg_triton.generate(tiny_llama, ids, max_new_tokens=1)
+
+
+def test_concurrent_generation_on_one_model(tiny_llama, monkeypatch):
+    """Two threads generating on one model, with thread switches forced often: identical outputs,
+    no error, the model untouched, and a third thread's forwards never routed through the CPU
+    matmul path that `generate` enables for its own thread."""
+    import sys
+    import threading
+
+    from cfg_triton import lm
+
+    ids, neg = torch.randint(1, 512, (1, 6)), torch.randint(1, 512, (1, 3))
+    kw = dict(negative_input_ids=neg, guidance_scale=2.0, max_new_tokens=8, min_new_tokens=8)
+    monkeypatch.setenv("CFG_TRITON_NARROW_LINEAR", "1")  # route on any CPU, to test the routing
+    lm.narrow_product_is_faster.cache_clear()
+    expected_out = cfg_triton.generate(tiny_llama, ids, **kw).tolist()
+    state = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    routed, errors, outputs = set(), [], []
+    original = lm._narrow_linear
+    monkeypatch.setattr(lm, "_narrow_linear",
+                        lambda *a: routed.add(threading.get_ident()) or original(*a))
+
+    def generating():
+        try:
+            for _ in range(15):
+                outputs.append(cfg_triton.generate(tiny_llama, ids, **kw).tolist())
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def plain_forwards():
+        with torch.no_grad():
+            for _ in range(40):
+                tiny_llama(ids)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        workers = [threading.Thread(target=generating) for _ in range(2)]
+        bystander = threading.Thread(target=plain_forwards)
+        for t in [*workers, bystander]:
+            t.start()
+        for t in [*workers, bystander]:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors
+    assert len(outputs) == 30 and all(o == expected_out for o in outputs)
+    assert routed and bystander.ident not in routed
+    assert routed <= {w.ident for w in workers}
+    assert not any("forward" in vars(m) for m in tiny_llama.modules())
+    assert all(torch.equal(v, state[k]) for k, v in tiny_llama.state_dict().items())
+    lm.narrow_product_is_faster.cache_clear()
+
+
+@pytest.mark.parametrize("mode", ["batched", "sequential"])
+def test_empty_negative_prompt_conditions_on_bos(tiny_llama, mode):
+    """An empty negative prompt is the paper's empty prompt: the BOS token alone, in both modes,
+    also for single rows whose negative mask is all zero."""
+    ids = torch.randint(2, 512, (2, 5))
+    bos = tiny_llama.config.bos_token_id
+    kw = dict(guidance_scale=2.0, max_new_tokens=5, min_new_tokens=5, mode=mode)
+    as_bos = cfg_triton.generate(tiny_llama, ids, negative_input_ids=torch.full((2, 1), bos), **kw)
+    empty = cfg_triton.generate(tiny_llama, ids, negative_input_ids=torch.empty(2, 0, dtype=torch.long),
+                                **kw)
+    assert empty.tolist() == as_bos.tolist()
+    neg = torch.randint(2, 512, (2, 3))
+    neg_mask = torch.tensor([[1, 1, 1], [0, 0, 0]])
+    mixed = cfg_triton.generate(tiny_llama, ids, negative_input_ids=neg, negative_attention_mask=neg_mask,
+                                **kw)
+    row0 = cfg_triton.generate(tiny_llama, ids[:1], negative_input_ids=neg[:1], **kw)
+    assert mixed[0].tolist() == row0[0].tolist() and mixed[1].tolist() == as_bos[1].tolist()
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(attention_mask=torch.tensor([[1, 1, 1], [0, 0, 0]])), ValueError, "row without tokens"),
+    (dict(do_sample=True, temperature=1e-45), ValueError, "temperature"),
+    (dict(do_sample=True, temperature=float("nan")), ValueError, "temperature"),
+    (dict(do_sample=True, top_k=2.5), ValueError, "top_k"),
+    (dict(do_sample=True, top_p=0.0), ValueError, "top_p"),
+    (dict(max_new_tokens=None), ValueError, "max_new_tokens"),
+    (dict(max_new_tokens=4.0), ValueError, "max_new_tokens"),
+    (dict(attention_mask=torch.ones(2, 4, dtype=torch.long)), ValueError, "shape"),
+    (dict(negative_attention_mask=torch.ones(2, 3, dtype=torch.long)), ValueError,
+     "without negative_input_ids"),
+    (dict(input_ids=[[1, 2, 3], [4, 5, 6]]), TypeError, "torch.Tensor"),
+    (dict(input_ids=torch.ones(2, 3)), TypeError, "integer"),
+])
+def test_bad_arguments_fail_before_any_model_work(tiny_llama, kwargs, error, match):
+    calls = []
+    hook = tiny_llama.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        kwargs = {"input_ids": torch.ones(2, 3, dtype=torch.long), **kwargs}
+        with pytest.raises(error, match=match):
+            cfg_triton.generate(tiny_llama, **kwargs)
+    finally:
+        hook.remove()
+    assert not calls
