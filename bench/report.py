@@ -125,19 +125,35 @@ def guidance_table(results) -> str:
 
 
 def generation_table(results) -> str:
+    """One table per model: ms per token of each loop, and the ratios the targets are stated in."""
     gen = results["generation"]
-    if not gen:
-        return ""
+    models = sorted({g.get("model") for g in gen}, key=str)
+    return "\n\n".join(_generation_rows(results, [g for g in gen if g.get("model") == m], m)
+                       for m in models)
+
+
+def _generation_rows(results, gen, model) -> str:
     by = {(g["batch"], g["impl"]): g["ms_per_token"] for g in gen}
-    rows = [f"Generation on **{_label(results)}**: SmolLM2-135M, greedy, 48 new tokens, guidance "
-            "scale 1.5, ms per generated token (per step for the whole batch).", "",
-            "| batch | plain | transformers CFG | cfg_triton batched | cfg_triton sequential | "
-            "batched / plain | batched / transformers CFG |", "|---:|---:|---:|---:|---:|---:|---:|"]
     impls = ["plain", "transformers_cfg", "cfg_triton_batched", "cfg_triton_sequential"]
+    compiled = any(g["impl"] == "cfg_triton_compiled" for g in gen)
+    if model is None:
+        what = "SmolLM2-135M, greedy, 48 new tokens"
+    else:
+        what = (f"{model} config with random weights, greedy, {gen[0].get('new_tokens', '?')} new "
+                "tokens")
+    head = ("| batch | plain | transformers CFG | cfg_triton batched | cfg_triton sequential | "
+            + ("cfg_triton compiled | " if compiled else "")
+            + "batched / plain | batched / transformers CFG |" + (" plain / compiled |" if compiled else ""))
+    rows = [f"Generation on **{_label(results)}**: {what}, guidance scale 1.5, ms per generated "
+            "token (per step for the whole batch).", "", head,
+            "|" + "---:|" * (head.count("|") - 1)]
     for batch in sorted({g["batch"] for g in gen}):
         plain, theirs, ours, sequential = (by.get((batch, i), float("nan")) for i in impls)
+        fast = by.get((batch, "cfg_triton_compiled"), float("nan"))
         rows.append(f"| {batch} | {plain:.1f} | {theirs:.1f} | {ours:.1f} | {sequential:.1f} | "
-                    f"{ours / plain:.2f}x | {ours / theirs:.2f}x |")
+                    + (f"{fast:.1f} | " if compiled else "")
+                    + f"{ours / plain:.2f}x | {ours / theirs:.2f}x |"
+                    + (f" {plain / fast:.2f}x |" if compiled else ""))
     return "\n".join(rows)
 
 

@@ -2,30 +2,61 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
+from .processors import MIN_TEMPERATURE
+
+
+def _number(low=-math.inf, high=math.inf, *, low_open=False, kind=float):
+    """An argparse type: a finite `kind` number in [low, high] (or (low, high] with `low_open`)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {bounds}, got {text}")
+        return value
+    return parse
+
+
+def _text(text):
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line naming the argument, exit status 2 (argparse's own, without the usage block)."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cfg-triton", description="Classifier-free guidance for LMs.")
+    parser = _Parser(prog="cfg-triton", description="Classifier-free guidance for LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate a continuation with CFG",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--negative-prompt", help="the unconditional branch (default: last prompt token)")
+    gen.add_argument("--prompt", required=True, type=_text)
+    gen.add_argument("--negative-prompt", type=_text, help="the unconditional branch (default: last prompt token)")
     gen.add_argument("--system", help="system message; without --negative-prompt the negative branch "
                                       "is the same chat without it (system-prompt guidance)")
-    gen.add_argument("--guidance-scale", type=float, default=1.5)
-    gen.add_argument("--mix", type=float, default=None, help="interpolate toward the conditional "
+    gen.add_argument("--guidance-scale", type=_number(-1e6, 1e6), default=1.5)
+    gen.add_argument("--mix", type=_number(0, 1), default=None, help="interpolate toward the conditional "
                                                              "distribution (0.7 in the CFG paper)")
     gen.add_argument("--mode", choices=["batched", "sequential"], default="batched")
     gen.add_argument("--model", default="smollm2",
                      help="smollm2 | gemma3 (bundled), a .gguf file or a model folder")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-new-tokens", type=_number(1, 1e9, kind=int), default=64)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--temperature", type=_number(MIN_TEMPERATURE, 1e6), default=None,
+                     help="sampling temperature (1.0 when sampling)")
+    gen.add_argument("--top-k", type=_number(1, 1e9, kind=int), default=None)
+    gen.add_argument("--top-p", type=_number(0, 1, low_open=True), default=None)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     gen.add_argument("--compare", action="store_true", help="also print the unguided continuation")
@@ -43,15 +74,27 @@ def _encode(tokenizer, text, system, chat):
     return ids
 
 
+def _warn(message):
+    print(f"cfg-triton: warning: {message}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    ignored = [f"--{k.replace('_', '-')}" for k in ("temperature", "top_k", "top_p")
+               if getattr(args, k) is not None]
+    if ignored and not args.sample:
+        _warn(f"{', '.join(ignored)} only apply with --sample; decoding greedily")
     import torch
     from transformers import TextStreamer
 
     from . import generate, models
 
     started = time.perf_counter()
-    model, tokenizer = models.load(args.model)
+    try:
+        model, tokenizer = models.load(args.model)
+    except (OSError, ValueError) as e:  # a missing path, a folder that holds no model, a bad GGUF
+        parser.error(f"argument --model: cannot load {args.model!r}: {str(e).splitlines()[0]}")
     chat = not args.no_chat and getattr(tokenizer, "chat_template", None) is not None
     print(f"[{args.model} loaded in {time.perf_counter() - started:.1f} s]", file=sys.stderr)
 
@@ -61,7 +104,14 @@ def main(argv=None) -> int:
         negative = _encode(tokenizer, args.negative_prompt, args.system, chat)
     elif args.system:
         negative = _encode(tokenizer, args.prompt, None, chat)
-    sampling = dict(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and max(ids.shape[1], 0 if negative is None else negative.shape[1]) > context:
+        parser.error(f"argument --prompt: {ids.shape[1]} tokens do not fit the model's context of "
+                     f"{context} tokens")
+    if context and ids.shape[1] + args.max_new_tokens > context:
+        _warn(f"the prompt ({ids.shape[1]} tokens) plus --max-new-tokens {args.max_new_tokens} "
+              f"exceeds the model's context of {context} tokens; output past it is unreliable")
+    sampling = dict(do_sample=args.sample, temperature=args.temperature or 1.0, top_k=args.top_k,
                     top_p=args.top_p)
 
     def run(label, guidance_scale, mix):

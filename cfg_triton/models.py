@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 BUNDLED = {
@@ -61,32 +63,67 @@ def _resolve(name_or_path: str) -> tuple[Path, str | None]:
                             "a .gguf file nor a model folder")
 
 
+# Bumped when the converted checkpoint's format changes: version 2 is always float32.
+_CONVERTED_FORMAT = "fp32-v2"
+
+
+def _converted_dir(source: Path) -> Path:
+    stat = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{_CONVERTED_FORMAT}"
+                         .encode()).hexdigest()
+    return cache_dir() / "converted" / f"{source.stem}-{key[:16]}"
+
+
+def _convert(source: Path, target: Path) -> None:
+    """De-quantizes a GGUF once into a float32 checkpoint at `target`, safe against concurrent runs.
+
+    Each converter writes into its own temporary folder beside `target` and renames it into place:
+    the rename is atomic, so `target` is either absent or complete, and a converter that loses the
+    race discards its copy and uses the winner's.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {source.name} (once; later runs load the cached checkpoint)", file=sys.stderr)
+    # float32 whatever the caller asked for: the cache serves every later dtype.
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name,
+                                                 dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    # The weights are de-quantized already; only the GGUF marker blocks a plain save.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=target.name + ".partial-", dir=target.parent))
+    try:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        os.rename(partial, target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        # Another process finished first (renaming onto its non-empty folder fails): use its copy.
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def load(name_or_path: str = "smollm2", *, dtype=None, use_cache_dir: bool = True):
-    """Returns `(model, tokenizer)` in eval mode on CPU. GGUF sources are converted once and cached."""
+    """Returns `(model, tokenizer)` in eval mode on CPU, in `dtype` (default: the checkpoint's).
+
+    A GGUF source is de-quantized once into a float32 checkpoint in the cache folder, whatever
+    `dtype` the first call asked for; later loads read that checkpoint in the `dtype` they ask for.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, gguf = _resolve(name_or_path)
     kw = {} if dtype is None else {"dtype": dtype}
-    if gguf is not None:
-        source = folder / gguf
-        stat = source.stat()
-        key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-        converted = cache_dir() / "converted" / f"{source.stem}-{key[:16]}"
-        if use_cache_dir and (converted / "config.json").exists():
-            folder, gguf = converted, None
+    if gguf is not None and use_cache_dir:
+        converted = _converted_dir(folder / gguf)
+        if not (converted / "config.json").exists():
+            _convert(folder / gguf, converted)
+        folder, gguf = converted, None
     if gguf is None:
         model = AutoModelForCausalLM.from_pretrained(folder, **kw).eval()
         return model, AutoTokenizer.from_pretrained(folder)
-    print(f"converting {gguf} (once; later runs load the cached checkpoint)", file=sys.stderr)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, **kw).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    if use_cache_dir:
-        partial = converted.with_name(converted.name + ".partial")
-        # The weights are de-quantized already; only the GGUF marker blocks a plain save.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        os.replace(partial, converted)  # a crash mid-save never leaves a half checkpoint behind
-    return model, tokenizer
+    return model, AutoTokenizer.from_pretrained(folder, gguf_file=gguf)

@@ -83,6 +83,7 @@ class UnbatchedCFGLogitsProcessor:
         self.ids, self.mask = unconditional_ids, unconditional_attention_mask
         self.cache, self.first = None, True
 
+    @torch.no_grad()  # a generation-time forward, also when the caller has grad mode on
     def _unconditional_logits(self, input_ids):
         if self.first:
             self.first = False

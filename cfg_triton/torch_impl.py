@@ -17,11 +17,12 @@ NEG_INF = float("-inf")
 _SCRATCH_ELEMENTS = 1 << 20
 
 
-def _row_lse(x: torch.Tensor) -> torch.Tensor:
-    """`[B, V]` finite -> `[B, 1]` log-sum-exp, without a `[B, V]` temporary for large inputs."""
-    if x.numel() <= _SCRATCH_ELEMENTS:  # small: the temporary is cheap, the loop's overhead is not
-        return torch.logsumexp(x, dim=-1, keepdim=True)
+def _row_max_logsum(x: torch.Tensor):
+    """`[B, V]` finite -> (`[B, 1]` row max, `[B, 1]` log Σ exp(x - max)); their sum is the row's
+    log-sum-exp. Large inputs go through a reused scratch block instead of a `[B, V]` temporary."""
     top = x.amax(dim=-1, keepdim=True)
+    if x.numel() <= _SCRATCH_ELEMENTS:  # small: the temporary is cheap, the loop's overhead is not
+        return top, torch.sub(x, top).exp_().sum(dim=-1, keepdim=True).log_()
     rows = max(1, _SCRATCH_ELEMENTS // max(x.shape[-1], 1))
     scratch = torch.empty((min(rows, x.shape[0]), x.shape[-1]), dtype=x.dtype, device=x.device)
     sums = torch.empty_like(top)
@@ -29,7 +30,13 @@ def _row_lse(x: torch.Tensor) -> torch.Tensor:
         part = scratch[: min(rows, x.shape[0] - i)]
         torch.sub(x[i : i + rows], top[i : i + rows], out=part).exp_()
         torch.sum(part, dim=-1, keepdim=True, out=sums[i : i + rows])
-    return sums.log_().add_(top)
+    return top, sums.log_()
+
+
+def _shift(x: torch.Tensor) -> torch.Tensor:
+    """`x` minus its row maximum, where that maximum is finite (else `x` as is)."""
+    top = x.amax(dim=-1, keepdim=True)
+    return x - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
 
 
 def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -40,6 +47,8 @@ def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _masked(c, u, gamma, mix, mode):
     """The masking policy, token by token (see `cfg_triton.guidance`)."""
+    if mode != RAW:  # shift-invariant: work relative to each branch's maximum (see `guidance`)
+        c, u = _shift(c), _shift(u)
     nan = torch.tensor(float("nan"), dtype=c.dtype, device=c.device)
     c = torch.where(c == float("inf"), nan, c)  # +inf has no distribution: treat it as NaN
     u = torch.where(u == float("inf"), nan, u)
@@ -74,17 +83,28 @@ def guidance(cond, uncond, gamma, mix, mode, out_dtype):
         gamma = gamma.to(compute)
     if isinstance(mix, torch.Tensor):
         mix = mix.to(compute)
-    out = torch.lerp(u, c, gamma)  # h = u + γ (c - u); exactly c at γ = 1
+    if mode == RAW:
+        out = torch.lerp(u, c, gamma)  # u + γ (c - u); exactly c at γ = 1
+        if not bool(torch.isfinite(out.sum())):
+            return _masked(c, u, gamma, mix, mode).to(out_dtype)
+        return out.to(out_dtype)
+    # Normalized and interpolated CFG depend on each branch only up to a per-row constant, so both
+    # are taken relative to their row maxima first: with a large constant added to a row's logits,
+    # the combination would otherwise cancel digits (an error of one ulp of the constant).
+    top_c, logsum_c = _row_max_logsum(c)
+    top_u, logsum_u = _row_max_logsum(u)
+    out, scratch = torch.sub(c, top_c), torch.sub(u, top_u)
+    torch.lerp(scratch, out, gamma, out=out)  # h = u' + γ (c' - u'); exactly c' at γ = 1
     # h is finite exactly where both logits are: -inf, +inf or NaN in either branch turns into
     # ±inf or NaN in h (0 · inf is NaN), so one reduction over h detects masks and bad input alike.
     # A sum overflowing on huge finite logits merely takes the exact path.
     if not bool(torch.isfinite(out.sum())):
         return _masked(c, u, gamma, mix, mode).to(out_dtype)
     if mode == NORMALIZED:
-        lse_c, lse_u = _row_lse(c), _row_lse(u)
-        out.sub_(lse_c + (1 - gamma) * (lse_u - lse_c))
-    elif mode == INTERPOLATED:
-        lse_c, lse_h = _row_lse(c), _row_lse(out)
-        torch.lerp(c, out, mix, out=out)
-        out.sub_(lse_c + mix * (lse_h - lse_c))  # exactly lse_c when h == c
+        out.sub_(logsum_c + (1 - gamma) * (logsum_u - logsum_c))
+    else:
+        top_h, logsum_h = _row_max_logsum(out)
+        lse_h = top_h + logsum_h  # relative to the shifted branches; top_h is 0 when h == c'
+        torch.lerp(torch.sub(c, top_c, out=scratch), out, mix, out=out)
+        out.sub_(logsum_c + mix * (lse_h - logsum_c))  # exactly logsum_c when h == c'
     return out.to(out_dtype)

@@ -5,10 +5,16 @@ of `cond` and `uncond` gathers all the row statistics (online log-sum-exps) and 
 the result. Rows are split across programs along the vocabulary when the batch alone would leave SMs
 idle; the write pass merges the per-split statistics of its row before writing.
 
+Normalized and interpolated CFG depend on each branch only up to a per-row constant, so the write
+pass works with `c' = c - max(c)` and `u' = u - max(u)`: a large constant added to a row's logits
+then costs no digits. The statistics pass cannot know the final maxima, so it keeps h's statistics
+relative to the running ones and re-bases them whenever a maximum moves.
+
 Statistics kept per (row, split), each a (max, sum of exp(x - max)) pair:
     c    log-sum-exp of cond                                     (normalized, interpolated)
     u    log-sum-exp of uncond                                   (normalized, interpolated)
-    h    log-sum-exp of h = c + (1 - γ)(u - c) over live tokens  (interpolated)
+    h    log-sum-exp of h' = c' + (1 - γ)(u' - c') over live tokens, with c', u' taken against the
+         split's maxima                                          (interpolated)
     m    log-sum-exp of cond over tokens masked only in uncond   (interpolated; shares c's max)
 """
 import functools
@@ -26,34 +32,48 @@ _STATS = tl.constexpr(STATS)
 MAX_SPLITS = 128
 BLOCK = 2048
 NUM_WARPS = 8
+# The write pass tiles fp64 output at half the block: at the full block one fp64 specialization
+# spills a register on sm_90. Split lengths stay whole numbers of either tile.
+WRITE_BLOCK = {8: BLOCK // 2}
+
+
+@triton.jit
+def _finite_or_zero(m):
+    # A reference point: a running maximum while it is finite-or-+inf, 0 while everything is -inf
+    # (so that exp() sees -inf, never -inf - -inf).
+    return tl.where(m == float("-inf"), 0.0, m)
 
 
 @triton.jit
 def _online_step(running_max, x):
     """Folds a tile into a running max; returns (new max, rescale of old sums, exp(x - new max))."""
     new_max = tl.maximum(running_max, tl.max(x, axis=0))
-    # While everything seen is -inf the reference point is 0, so exp() sees -inf, never -inf - -inf.
-    ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+    ref = _finite_or_zero(new_max)
     return new_max, tl.exp(running_max - ref), tl.exp(x - ref)
 
 
 @triton.jit
-def _merge_splits(stats_row, max_slot: tl.constexpr, sum_slot: tl.constexpr, n_splits,
-                  MAX_SPLITS: tl.constexpr):
-    """Log-sum-exp of one statistic from its per-split (max, sum) pairs."""
+def _split_stats(stats_row, max_slot: tl.constexpr, sum_slot: tl.constexpr, n_splits,
+                 MAX_SPLITS: tl.constexpr):
+    """One statistic's per-split (max, sum) pairs, padded to MAX_SPLITS with empty ones."""
     j = tl.arange(0, MAX_SPLITS)
     live = j < n_splits
     m = tl.load(stats_row + j * _STATS + max_slot, mask=live, other=float("-inf"))
     s = tl.load(stats_row + j * _STATS + sum_slot, mask=live, other=0.0)
-    top = tl.max(m, axis=0)
-    ref = tl.where(top == float("-inf"), 0.0, top)
-    return ref + tl.log(tl.sum(s * tl.exp(m - ref), axis=0))
+    return m, s
+
+
+@triton.jit
+def _merge(m, s):
+    """(reference, log Σ s·exp(m - reference)) of per-split pairs: their log-sum-exp, split in two
+    so that callers can work relative to the reference."""
+    ref = _finite_or_zero(tl.max(m, axis=0))
+    return ref, tl.log(tl.sum(s * tl.exp(m - ref), axis=0))
 
 
 @triton.jit
 def _logaddexp(a, b):
-    top = tl.maximum(a, b)
-    ref = tl.where(top == float("-inf"), 0.0, top)
+    ref = _finite_or_zero(tl.maximum(a, b))
     return ref + tl.log(tl.exp(a - ref) + tl.exp(b - ref))
 
 
@@ -97,13 +117,23 @@ def _guidance_stats_kernel(
     for offset in range(start, end, BLOCK):
         idx = offset + lanes
         c, u, inside = _load_tile(c_row, u_row, idx, end)
+        c_ref_old = _finite_or_zero(c_max)
+        u_ref_old = _finite_or_zero(u_max)
         c_max, c_scale, c_exp = _online_step(c_max, c)
         c_sum = c_sum * c_scale + c_exp
         u_max, u_scale, u_exp = _online_step(u_max, u)
         u_sum = u_sum * u_scale + u_exp
         if MODE == _INTERPOLATED:
+            c_ref = _finite_or_zero(c_max)
+            u_ref = _finite_or_zero(u_max)
+            # h' is taken against the running maxima: when they move, so does every h' seen so
+            # far, by the move of γ c_ref + (1 - γ) u_ref (from the moves, not the large values).
+            c_move = c_ref - c_ref_old
+            h_max = h_max - (c_move + (1.0 - gamma) * ((u_ref - u_ref_old) - c_move))
             u_live = u != float("-inf")
-            h = tl.where(u_live & (c != float("-inf")), c + (1.0 - gamma) * (u - c), float("-inf"))
+            c_shift = c - c_ref
+            h = tl.where(u_live & (c != float("-inf")),
+                         c_shift + (1.0 - gamma) * ((u - u_ref) - c_shift), float("-inf"))
             h_max, h_scale, h_exp = _online_step(h_max, h)
             h_sum = h_sum * h_scale + h_exp
             # Masked-in-uncond tokens are rare: reuse cond's exponentials instead of a fourth exp.
@@ -131,22 +161,33 @@ def _guidance_write_kernel(
     out_row = out_ptr + row.to(tl.int64) * V
     if MIX_PER_ROW:
         mix = tl.load(mix_ptr + row)
-    # Row constants: u-live tokens get h - live_const, tokens masked only in uncond get
-    # c - masked_const (their guided log-prob is their conditional one).
+    # Everything below is relative to the row maxima (c_ref, u_ref): c' = c - c_ref, u' = u - u_ref.
+    # Row constants: u-live tokens get h' - live_const, tokens masked only in uncond get
+    # c' - masked_const (their guided log-prob is their conditional one).
+    c_ref = 0.0
+    u_ref = 0.0
     live_const = 0.0
     masked_const = 0.0
     lse_c = 0.0
     if MODE != _RAW:
         stats_row = stats_ptr + row * n_splits * _STATS
-        lse_c = _merge_splits(stats_row, 0, 1, n_splits, MAX_SPLITS)
-        lse_u = _merge_splits(stats_row, 2, 3, n_splits, MAX_SPLITS)
-        # (1 - γ) LSE(u) + γ LSE(c): the normalized-CFG row constant.
+        c_maxes, c_sums = _split_stats(stats_row, 0, 1, n_splits, MAX_SPLITS)
+        u_maxes, u_sums = _split_stats(stats_row, 2, 3, n_splits, MAX_SPLITS)
+        c_ref, lse_c = _merge(c_maxes, c_sums)
+        u_ref, lse_u = _merge(u_maxes, u_sums)
+        # (1 - γ) LSE(u') + γ LSE(c'): the normalized-CFG row constant.
         z = lse_c + (1.0 - gamma) * (lse_u - lse_c)
         live_const = z
         masked_const = lse_c
         if MODE == _INTERPOLATED:
-            lse_h = _merge_splits(stats_row, 4, 5, n_splits, MAX_SPLITS)
-            lse_m = _merge_splits(stats_row, 0, 6, n_splits, MAX_SPLITS)
+            h_maxes, h_sums = _split_stats(stats_row, 4, 5, n_splits, MAX_SPLITS)
+            # Each split's h' is relative to its own maxima: move it onto the row's.
+            c_move = _finite_or_zero(c_maxes) - c_ref
+            h_maxes = h_maxes + (c_move + (1.0 - gamma) * ((_finite_or_zero(u_maxes) - u_ref) - c_move))
+            h_top, h_logsum = _merge(h_maxes, h_sums)
+            lse_h = h_top + h_logsum
+            _, m_sums = _split_stats(stats_row, 0, 6, n_splits, MAX_SPLITS)
+            _, lse_m = _merge(c_maxes, m_sums)
             # LSE of the normalized CFG scores g; guarded so an empty set contributes -inf, not NaN.
             live_mass = tl.where(lse_h == float("-inf"), float("-inf"), lse_h - z)
             masked_mass = tl.where(lse_m == float("-inf"), float("-inf"), lse_m - lse_c)
@@ -165,6 +206,9 @@ def _guidance_write_kernel(
         idx = offset + lanes
         c, u, inside = _load_tile(c_row, u_row, idx, end)
         u_live = u != float("-inf")
+        c_live = c != float("-inf")  # before the shift: a +inf maximum turns finite c' into -inf
+        c = c - c_ref
+        u = u - u_ref
         h = c + (1.0 - gamma) * (u - c)
         if MODE == _RAW:
             # No row statistic carries +inf into NaN here, so flag it token by token.
@@ -176,7 +220,7 @@ def _guidance_write_kernel(
             cl = c - lse_c
             gl = tl.where(u_live, h - live_const, c - masked_const)
             val = cl + mix * (gl - cl)
-        val = tl.where(c != float("-inf"), val, float("-inf"))
+        val = tl.where(c_live, val, float("-inf"))
         tl.store(out_row + idx, val.to(out_ptr.dtype.element_ty), mask=inside)
 
 
@@ -234,7 +278,7 @@ def launch(cond, uncond, out, stats, mode, gamma, gamma_rows, mix, mix_rows, n_s
          (cond, uncond, out, stats, gamma, gamma_rows, mix, mix_rows, vocab, cond.stride(0),
           uncond.stride(0), split_len, n_splits),
          dict(MODE=mode, GAMMA_PER_ROW=gamma_per_row, MIX_PER_ROW=mix_per_row, MAX_SPLITS=MAX_SPLITS,
-              BLOCK=BLOCK))
+              BLOCK=WRITE_BLOCK.get(out.element_size(), BLOCK)))
 
 
 def specializations():
@@ -267,7 +311,8 @@ def specializations():
                                "MIX_PER_ROW": "constexpr", "MAX_SPLITS": "constexpr",
                                "BLOCK": "constexpr"}
                         const = {"MODE": mode, "GAMMA_PER_ROW": gamma_rows, "MIX_PER_ROW": mix_rows,
-                                 "MAX_SPLITS": MAX_SPLITS, "BLOCK": BLOCK}
+                                 "MAX_SPLITS": MAX_SPLITS,
+                                 "BLOCK": WRITE_BLOCK.get(8 if out_t == "*fp64" else 4, BLOCK)}
                         if not gamma_rows:
                             const["gamma_ptr"] = None
                         if not mix_rows:

@@ -135,3 +135,6 @@ def test_gpu_command_runs_offline_in_smoke_mode(tmp_path):
                                                           "cfg_triton_batched", "cfg_triton_compiled"}
     assert "network" not in proc.stdout + proc.stderr
     assert "greedy parity with transformers CFG: batched OK" in summary
+    # the README tables come from the same file
+    assert "| normalized | float32 | 2 | 1,000 |" in report.guidance_table(results)
+    assert "cfg_triton compiled" in report.generation_table(results)

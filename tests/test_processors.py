@@ -41,6 +41,19 @@ def test_unbatched_processor_matches_transformers(smollm2, use_cache):
 
 
 @pytest.mark.model
+def test_unbatched_processor_takes_a_guidance_scale_per_row(smollm2):
+    model, tok = smollm2
+    ids = torch.cat([tok("The weather today is", return_tensors="pt").input_ids] * 2)
+    neg = torch.cat([tok("Terrible news:", return_tensors="pt").input_ids] * 2)
+    with torch.no_grad():
+        scores = model(ids).logits[:, -1].float()
+    rows = cfg_triton.UnbatchedCFGLogitsProcessor(torch.tensor([1.0, 3.0]), model, neg)(ids, scores)
+    for i, gamma in enumerate((1.0, 3.0)):
+        theirs = hf.UnbatchedClassifierFreeGuidanceLogitsProcessor(gamma, model, neg[i : i + 1])
+        torch.testing.assert_close(rows[i : i + 1], theirs(ids[i : i + 1], scores[i : i + 1]), **FP32)
+
+
+@pytest.mark.model
 def test_patch_transformers_uses_fused_processor_and_undoes(smollm2, monkeypatch):
     model, tok = smollm2
     ids = tok("Once upon a time", return_tensors="pt").input_ids
@@ -97,8 +110,38 @@ def test_command_generates_and_compares(smollm2, capsys):
     assert err.count("tokens/s") == 2
 
 
-def test_command_rejects_unknown_model(capsys):
+@pytest.mark.parametrize("argv, argument", [
+    (["--mix", "2"], "--mix"),
+    (["--guidance-scale", "nan"], "--guidance-scale"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["--max-new-tokens", "2.5"], "--max-new-tokens"),
+    (["--sample", "--top-p", "0"], "--top-p"),
+    (["--sample", "--temperature", "0"], "--temperature"),
+    (["--model", "/no/such/model"], "--model"),
+    (["--model", "EMPTY_FOLDER"], "--model"),
+    (["--prompt", "  "], "--prompt"),
+])
+def test_command_rejects_bad_values_in_one_line(argv, argument, capsys, tmp_path):
     from cfg_triton import cli
 
-    with pytest.raises(FileNotFoundError, match="bundled"):
-        cli.main(["generate", "--prompt", "x", "--model", "/no/such/model"])
+    argv = [str(tmp_path) if a == "EMPTY_FOLDER" else a for a in argv]
+    full = ["generate"] + (["--prompt", "x"] if "--prompt" not in argv else []) + argv
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(full)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"argument {argument}" in err and "Traceback" not in err
+
+
+@pytest.mark.model
+def test_command_warns_about_ignored_and_oversized_input(smollm2, capsys):
+    from cfg_triton import cli
+
+    assert cli.main(["generate", "--prompt", "Hi", "--top-p", "0.5", "--max-new-tokens", "1"]) == 0
+    assert "--top-p only apply with --sample" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "--prompt", "word " * 9000, "--no-chat"])
+    assert exit_info.value.code == 2 and "context" in capsys.readouterr().err
+    # The instruct model answers "Hi" and stops long before the context ends.
+    assert cli.main(["generate", "--prompt", "Hi", "--max-new-tokens", "8200"]) == 0
+    assert "exceeds the model's context" in capsys.readouterr().err

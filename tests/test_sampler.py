@@ -215,6 +215,8 @@ def test_concurrent_generation_on_one_model(tiny_llama, monkeypatch):
     ids, neg = torch.randint(1, 512, (1, 6)), torch.randint(1, 512, (1, 3))
     kw = dict(negative_input_ids=neg, guidance_scale=2.0, max_new_tokens=8, min_new_tokens=8)
     monkeypatch.setenv("CFG_TRITON_NARROW_LINEAR", "1")  # route on any CPU, to test the routing
+    # The guidance on the torch path: Triton's interpreter (a debugging aid) is not thread-safe.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     lm.narrow_product_is_faster.cache_clear()
     expected_out = cfg_triton.generate(tiny_llama, ids, **kw).tolist()
     state = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
