@@ -64,39 +64,64 @@ def machine_tag(machine: dict) -> str:
     return f"{machine['device']}-{slug}"
 
 
+def _spread(stats, per=1.0):
+    """(median, interquartile range, rounds) of a pytest-benchmark entry, each divided by `per`."""
+    return stats["median"] / per, stats["iqr"] / per, stats["rounds"]
+
+
 def summarize(raw: dict, copy_gbps: float | None) -> dict:
-    """pytest-benchmark JSON -> {machine, copy_gbps, guidance: [...], generation: [...]}."""
+    """pytest-benchmark JSON -> {machine, copy_gbps, guidance, generation, host, load}.
+
+    Every time keeps its interquartile range and round count beside its median.
+    """
     machine = raw["machine_info"]["cfg_triton"]
     cells = defaultdict(dict)
-    generation = []
+    generation, host, load = [], [], []
     for bench in raw["benchmarks"]:
-        info = bench["extra_info"]
+        info, stats = bench["extra_info"], bench["stats"]
         if "new_tokens" in info:
-            generation.append({"batch": info["batch"], "impl": info["impl"],
-                               "ms_per_token": 1e3 * bench["stats"]["median"] / info["new_tokens"]})
-            continue
-        key = (info["semantics"], info["dtype"], info["batch"], info["vocab"])
-        per_call = bench["stats"]["median"] / info.get("calls_per_round", 1)
-        cells[key][info["impl"]] = per_call
-        cells[key]["min_bytes"] = info["min_bytes"]
-        if "compile_s" in info:
-            cells[key]["compile_s"] = info["compile_s"]
+            median, iqr, rounds = _spread(stats, info["new_tokens"] / 1e3)
+            generation.append({"batch": info["batch"], "impl": info["impl"], "ms_per_token": median,
+                               "iqr_ms_per_token": iqr, "rounds": rounds})
+        elif "host" in info:
+            median, iqr, rounds = _spread(stats, info["calls_per_round"] / 1e6)
+            host.append({k: info[k] for k in ("host", "semantics", "dtype", "batch", "vocab")}
+                        | {"us_per_call": median, "iqr_us": iqr, "rounds": rounds})
+        elif "load" in info:
+            median, iqr, rounds = _spread(stats)
+            load.append({"model": info["load"], "seconds": median, "iqr_s": iqr, "rounds": rounds})
+        else:
+            key = (info["semantics"], info["dtype"], info["batch"], info["vocab"])
+            cells[key][info["impl"]] = _spread(stats, info.get("calls_per_round", 1))
+            cells[key]["min_bytes"] = info["min_bytes"]
+            if "compile_s" in info:
+                cells[key]["compile_s"] = info["compile_s"]
     guidance = []
     for (semantics, dtype, batch, vocab), c in sorted(cells.items()):
         if "fused" not in c:
             continue
+        fused, fused_iqr, fused_rounds = c["fused"]
         point = {"semantics": semantics, "dtype": dtype, "batch": batch, "vocab": vocab,
-                 "fused_us": 1e6 * c["fused"], "gbps": c["min_bytes"] / c["fused"] / 1e9}
+                 "fused_us": 1e6 * fused, "fused_iqr_us": 1e6 * fused_iqr,
+                 "fused_rounds": fused_rounds, "gbps": c["min_bytes"] / fused / 1e9}
         if copy_gbps:
             point["bandwidth_fraction"] = point["gbps"] / copy_gbps
         for peer in PEERS:
             if peer in c:
-                point[f"{peer}_us"] = 1e6 * c[peer]
-                point[f"speedup_vs_{peer}"] = c[peer] / c["fused"]
+                median, iqr, rounds = c[peer]
+                point.update({f"{peer}_us": 1e6 * median, f"{peer}_iqr_us": 1e6 * iqr,
+                              f"{peer}_rounds": rounds, f"speedup_vs_{peer}": median / fused})
         if "compile_s" in c:
             point["compile_s"] = c["compile_s"]
         guidance.append(point)
-    return {"machine": machine, "copy_gbps": copy_gbps, "guidance": guidance, "generation": generation}
+    return {"machine": machine, "copy_gbps": copy_gbps, "guidance": guidance,
+            "generation": generation, "host": host, "load": load}
+
+
+def _pm(value, spread, fmt="{:,.0f}"):
+    """`value ± spread` (the interquartile range), or the value alone where none was recorded."""
+    text = fmt.format(value)
+    return text if spread is None else f"{text} ± {fmt.format(spread)}"
 
 
 def _label(results):
@@ -107,15 +132,15 @@ def _label(results):
 
 def guidance_table(results) -> str:
     rows = [f"Guidance op on **{_label(results)}** "
-            f"(copy bandwidth {results['copy_gbps']:.0f} GB/s). Times are medians per call; "
-            "speed-ups are peer time / fused time, measured side by side.", "",
-            "| semantics | dtype | B | V | fused µs | GB/s | vs eager | vs compiled | vs transformers |",
+            f"(copy bandwidth {results['copy_gbps']:.0f} GB/s). Times are medians per call ± their "
+            "interquartile range; speed-ups are peer median / fused median, measured side by side.", "",
+            "| semantics | dtype | B | V | fused µs ± IQR | GB/s | vs eager | vs compiled | vs transformers |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for p in results["guidance"]:
         ratios = " | ".join(f"{p[f'speedup_vs_{peer}']:.2f}x" if f"speedup_vs_{peer}" in p else "–"
                             for peer in PEERS)
         rows.append(f"| {p['semantics']} | {p['dtype']} | {p['batch']} | {p['vocab']:,} | "
-                    f"{p['fused_us']:,.0f} | {p['gbps']:.1f} | {ratios} |")
+                    f"{_pm(p['fused_us'], p.get('fused_iqr_us'))} | {p['gbps']:.1f} | {ratios} |")
     compile_times = sorted({(p["semantics"], p["dtype"], round(p["compile_s"], 1))
                             for p in results["guidance"] if "compile_s" in p})
     if compile_times:
@@ -132,28 +157,54 @@ def generation_table(results) -> str:
                        for m in models)
 
 
+GEN_IMPLS = {"plain": "plain", "transformers_cfg": "transformers CFG",
+             "cfg_triton_unguided": "cfg_triton unguided", "cfg_triton_batched": "cfg_triton batched",
+             "cfg_triton_sequential": "cfg_triton sequential", "cfg_triton_compiled": "cfg_triton compiled"}
+# (numerator, denominator, heading): guidance's cost in our own loop first, then the comparisons.
+GEN_RATIOS = [("cfg_triton_batched", "cfg_triton_unguided", "guided / unguided (ours)"),
+              ("cfg_triton_batched", "transformers_cfg", "batched / transformers CFG"),
+              ("cfg_triton_batched", "plain", "batched / transformers plain"),
+              ("plain", "cfg_triton_compiled", "transformers plain / compiled")]
+
+
 def _generation_rows(results, gen, model) -> str:
-    by = {(g["batch"], g["impl"]): g["ms_per_token"] for g in gen}
-    impls = ["plain", "transformers_cfg", "cfg_triton_batched", "cfg_triton_sequential"]
-    compiled = any(g["impl"] == "cfg_triton_compiled" for g in gen)
+    by = {(g["batch"], g["impl"]): g for g in gen}
+    impls = [i for i in GEN_IMPLS if any(g["impl"] == i for g in gen)]
+    ratios = [r for r in GEN_RATIOS if r[0] in impls and r[1] in impls]
     if model is None:
         what = "SmolLM2-135M, greedy, 48 new tokens"
     else:
         what = (f"{model} config with random weights, greedy, {gen[0].get('new_tokens', '?')} new "
                 "tokens")
-    head = ("| batch | plain | transformers CFG | cfg_triton batched | cfg_triton sequential | "
-            + ("cfg_triton compiled | " if compiled else "")
-            + "batched / plain | batched / transformers CFG |" + (" plain / compiled |" if compiled else ""))
-    rows = [f"Generation on **{_label(results)}**: {what}, guidance scale 1.5, ms per generated "
-            "token (per step for the whole batch).", "", head,
-            "|" + "---:|" * (head.count("|") - 1)]
+    head = "| batch | " + " | ".join(GEN_IMPLS[i] for i in impls) + " | " + \
+        " | ".join(r[2] for r in ratios) + " |"
+    rows = [f"Generation on **{_label(results)}**: {what}, guidance scale 1.5; ms per generated "
+            "token (per step for the whole batch), median ± interquartile range.", "", head,
+            "|" + "---:|" * (len(impls) + len(ratios) + 1)]
+    nan = {"ms_per_token": float("nan")}
     for batch in sorted({g["batch"] for g in gen}):
-        plain, theirs, ours, sequential = (by.get((batch, i), float("nan")) for i in impls)
-        fast = by.get((batch, "cfg_triton_compiled"), float("nan"))
-        rows.append(f"| {batch} | {plain:.1f} | {theirs:.1f} | {ours:.1f} | {sequential:.1f} | "
-                    + (f"{fast:.1f} | " if compiled else "")
-                    + f"{ours / plain:.2f}x | {ours / theirs:.2f}x |"
-                    + (f" {plain / fast:.2f}x |" if compiled else ""))
+        cells = [_pm(by.get((batch, i), nan)["ms_per_token"], by.get((batch, i), {}).get("iqr_ms_per_token"),
+                     "{:.1f}") for i in impls]
+        cells += [f"{by.get((batch, a), nan)['ms_per_token'] / by.get((batch, b), nan)['ms_per_token']:.2f}x"
+                  for a, b, _ in ratios]
+        rows.append(f"| {batch} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def host_table(results) -> str:
+    host = results.get("host") or []
+    if not host:
+        return ""
+    rows = [f"Host cost of one `guidance` call on **{_label(results)}** (bench/test_host_bench.py): "
+            "`launch` is the Triton path up to the kernel launch (the launcher stubbed), `torch` the "
+            "whole CPU path; µs per call, median ± interquartile range.", "",
+            "| path | semantics | dtype | B | V | µs per call |", "|---|---|---|---:|---:|---:|"]
+    for h in sorted(host, key=lambda h: (h["host"], h["semantics"])):
+        rows.append(f"| {h['host']} | {h['semantics']} | {h['dtype']} | {h['batch']} | {h['vocab']:,} | "
+                    f"{_pm(h['us_per_call'], h['iqr_us'], '{:.1f}')} |")
+    for entry in results.get("load") or []:
+        rows += ["", f"Loading the bundled {entry['model']} from its cached checkpoint: "
+                     f"{entry['seconds']:.2f} ± {entry['iqr_s']:.2f} s ({entry['rounds']} rounds)."]
     return "\n".join(rows)
 
 
@@ -195,7 +246,8 @@ def update_readme(results, png: Path, readme: Path) -> None:
     """Replaces the text between the README's bench markers with tables generated from `results`."""
     tag = machine_tag(results["machine"])
     picture = f"![{tag}]({os.path.relpath(png, readme.parent)})"
-    block = "\n\n".join(x for x in (guidance_table(results), picture, generation_table(results)) if x)
+    block = "\n\n".join(x for x in (guidance_table(results), picture, generation_table(results),
+                                     host_table(results)) if x)
     text = readme.read_text()
     start, end = f"<!-- bench:{results['machine']['device']}:start -->", \
         f"<!-- bench:{results['machine']['device']}:end -->"

@@ -23,7 +23,8 @@ sys.path.insert(0, str(HERE))
 
 import report  # noqa: E402
 
-FILES = {"guidance": "test_guidance_bench.py", "generation": "test_generation_bench.py"}
+FILES = {"guidance": "test_guidance_bench.py", "generation": "test_generation_bench.py",
+         "host": "test_host_bench.py"}
 
 
 def copy_bandwidth(device: str, small: bool = False) -> float:
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     previous = args.out / f"{report.machine_tag(results['machine'])}.json"
     if args.merge and previous.exists():
         old = json.loads(previous.read_text())
-        for section in ("guidance", "generation"):
+        for section in ("guidance", "generation", "host", "load"):
             if not results[section]:
                 results[section] = old.get(section, [])
     path = report.publish(results, args.out, args.readme)

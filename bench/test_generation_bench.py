@@ -1,8 +1,10 @@
 """End-to-end CFG generation on the bundled SmolLM2: greedy, 48 new tokens, batch 1 and batch 8.
 
-Per batch size, side by side in one run: plain generation (no guidance), transformers'
-`generate(guidance_scale=…)`, and `cfg_triton.generate` in both modes. Every run is forced to the
-full 48 tokens (`min_new_tokens`) so that ms/token compares like with like.
+Per batch size, side by side in one run: transformers' plain generation and its
+`generate(guidance_scale=…)`, and `cfg_triton.generate` unguided (γ = 1: the same loop with one
+branch, the baseline for what guidance costs), batched and sequential. Every run is forced to the
+full 48 tokens (`min_new_tokens`) so that ms/token compares like with like. Also the load time of
+the bundled model from its converted-checkpoint cache.
 """
 import pytest
 import torch
@@ -36,11 +38,17 @@ def _run(impl, model, ids, mask):
         return model.generate(ids, attention_mask=mask, do_sample=False, **kw)
     if impl == "transformers_cfg":
         return model.generate(ids, attention_mask=mask, do_sample=False, guidance_scale=1.5, **kw)
+    if impl == "cfg_triton_unguided":
+        return cfg_triton.generate(model, ids, mask, guidance_scale=1.0, **kw)
     mode = impl.removeprefix("cfg_triton_")
     return cfg_triton.generate(model, ids, mask, guidance_scale=1.5, mode=mode, **kw)
 
 
-@pytest.mark.parametrize("impl", ["plain", "transformers_cfg", "cfg_triton_batched", "cfg_triton_sequential"])
+IMPLS = ["plain", "transformers_cfg", "cfg_triton_unguided", "cfg_triton_batched",
+         "cfg_triton_sequential"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("batch", [1, 8])
 def test_generation(benchmark, smollm2, batch, impl):
     model, tok = smollm2
@@ -48,5 +56,11 @@ def test_generation(benchmark, smollm2, batch, impl):
     benchmark.extra_info.update(impl=impl, batch=batch, new_tokens=NEW_TOKENS)
     with torch.inference_mode():
         out = benchmark.pedantic(_run, args=(impl, model, enc.input_ids, enc.attention_mask),
-                                 warmup_rounds=1, rounds=3, iterations=1)
+                                 warmup_rounds=1, rounds=7, iterations=1)
     assert out.shape[1] == enc.input_ids.shape[1] + NEW_TOKENS
+
+
+def test_cached_model_load(benchmark, smollm2):
+    """`models.load("smollm2")` once its converted checkpoint is cached (the fixture made sure)."""
+    benchmark.extra_info.update(load="smollm2")
+    benchmark.pedantic(models.load, args=("smollm2",), warmup_rounds=1, rounds=5, iterations=1)

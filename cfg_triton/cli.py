@@ -119,7 +119,9 @@ def main(argv=None) -> int:
         generator = torch.Generator().manual_seed(args.seed)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         t0 = time.perf_counter()
-        out = generate(model, ids, negative_input_ids=negative, guidance_scale=guidance_scale,
+        unguided = guidance_scale == 1 and mix is None
+        out = generate(model, ids, negative_input_ids=None if unguided else negative,
+                       guidance_scale=guidance_scale,
                        mix=mix, mode=args.mode, max_new_tokens=args.max_new_tokens,
                        generator=generator, streamer=streamer, **sampling)
         new = out.shape[1] - ids.shape[1]

@@ -23,7 +23,8 @@ def _left_pad(ids, mask, length):
 
 
 class _Branches:
-    """The conditional and unconditional inputs, run as one `[2B]` batch or as two `[B]` batches.
+    """The conditional and unconditional inputs, run as one `[2B]` batch or as two `[B]` batches;
+    `uncond=None` runs the conditional branch alone (no guidance: both "branches" are it).
 
     With `new_tokens` set, each branch gets a transformers `StaticCache` and a mask of its final
     length, so every decode step has the same shapes and addresses: `decode` can then be compiled,
@@ -31,8 +32,10 @@ class _Branches:
     """
 
     def __init__(self, model, cond, uncond, batched, new_tokens=None):
-        self.model, self.batched = model, batched
-        if batched:
+        self.model, self.batched = model, batched and uncond is not None
+        if uncond is None:
+            self.inputs = [cond]
+        elif batched:
             length = max(cond[0].shape[1], uncond[0].shape[1])
             cond, uncond = _left_pad(*cond, length), _left_pad(*uncond, length)
             self.inputs = [(torch.cat([cond[0], uncond[0]]), torch.cat([cond[1], uncond[1]]))]
@@ -59,7 +62,7 @@ class _Branches:
             logits, self.caches[i] = forward_last(self.model, ids, mask, positions(mask[:, : ids.shape[1]]),
                                                   self.caches[i], slots)
             outs.append(logits)
-        return outs[0].chunk(2) if self.batched else outs
+        return _pair(outs, self.batched)
 
     def advance(self):
         """Opens one more column in every branch's mask: (masks, positions, cache slots) of a step."""
@@ -84,8 +87,16 @@ def decode(model, batched, caches, ids, masks, position_ids, slots, guidance_sca
     step_ids = (torch.cat([ids, ids]) if batched else ids)[:, None]
     logits = [forward_last(model, step_ids, mask, pos, cache, slot)[0]
               for mask, pos, cache, slot in zip(masks, position_ids, caches, slots)]
-    cond, uncond = logits[0].chunk(2) if batched else logits
+    cond, uncond = _pair(logits, batched)
     return guidance(cond, uncond, guidance_scale, mix=mix)
+
+
+def _pair(logits, batched):
+    """(cond, uncond) from the branches' logits: a stacked `[2B]` batch, two `[B]` batches, or one
+    (unguided: cond serves as both, which guidance at γ = 1 reduces to log_softmax(cond))."""
+    if batched:
+        return logits[0].chunk(2)
+    return (logits[0], logits[-1])
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,6 +130,9 @@ def generate(model, input_ids, attention_mask=None, *, negative_input_ids=None,
     forwards with separate caches (less peak memory). Finished rows are padded with `pad_token_id`;
     EOS and pad default to the model's generation config. `streamer` gets `put(ids)` / `end()`.
 
+    `guidance_scale=1` without `mix` is no guidance: only the conditional branch runs (plain
+    decoding through this loop; a negative prompt is then unused, with a warning).
+
     `compile=True` runs the decode step (both forwards and the guidance) with static KV caches
     through `torch.compile`, as a CUDA graph on CUDA ("reduce-overhead"); the prefill stays eager.
     It compiles once per model, batch shape and length, so it pays off for repeated calls of one
@@ -126,9 +140,12 @@ def generate(model, input_ids, attention_mask=None, *, negative_input_ids=None,
     """
     if do_sample:
         check_warpers(temperature, top_k, top_p)
+    # γ = 1 without a mix is the conditional distribution itself: the unconditional branch is
+    # skipped, which makes this also the loop's own unguided baseline.
+    unguided = mix is None and isinstance(guidance_scale, numbers.Real) and guidance_scale == 1
     branches, eos, pad_id = _prepare(model, input_ids, attention_mask, negative_input_ids,
                                      negative_attention_mask, mode, max_new_tokens, min_new_tokens,
-                                     eos_token_id, pad_token_id, compile)
+                                     eos_token_id, pad_token_id, compile, unguided)
     step_fn = _compiled_decode(input_ids.device.type) if compile else decode
     graphs = compile and input_ids.device.type == "cuda"
     eos_t = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
@@ -165,7 +182,8 @@ def generate(model, input_ids, attention_mask=None, *, negative_input_ids=None,
 
 
 def _prepare(model, input_ids, attention_mask, negative_input_ids, negative_attention_mask, mode,
-             max_new_tokens, min_new_tokens, eos_token_id, pad_token_id, compile=False):
+             max_new_tokens, min_new_tokens, eos_token_id, pad_token_id, compile=False,
+             unguided=False):
     """Validates `generate`'s arguments before any model work, fills in defaults, left-aligns
     right-padded rows; returns (branches, eos ids, pad id)."""
     if mode not in ("batched", "sequential"):
@@ -181,7 +199,12 @@ def _prepare(model, input_ids, attention_mask, negative_input_ids, negative_atte
     pad_id = pad_id if pad_id is not None else (eos[0] if eos else 0)
     input_ids, attention_mask = _checked_tokens("input_ids", input_ids, attention_mask, pad_id)
     batch = input_ids.shape[0]
-    if negative_input_ids is None:
+    if unguided:
+        if negative_input_ids is not None or negative_attention_mask is not None:
+            warnings.warn("guidance_scale=1 without mix is no guidance: the negative prompt is "
+                          "not used", stacklevel=3)
+        negative_input_ids = negative_attention_mask = None
+    elif negative_input_ids is None:
         if negative_attention_mask is not None:
             raise ValueError("negative_attention_mask was given without negative_input_ids")
         # transformers' default: each prompt's last token (the prompt is left-aligned by now)
@@ -193,8 +216,9 @@ def _prepare(model, input_ids, attention_mask, negative_input_ids, negative_atte
         if negative_input_ids.shape[0] != batch:
             raise ValueError(f"negative_input_ids must have one row per prompt: {batch} prompts, "
                              f"{negative_input_ids.shape[0]} negative rows")
-    branches = _Branches(model, (input_ids, attention_mask), (negative_input_ids, negative_attention_mask),
-                         mode == "batched", max_new_tokens if compile else None)
+    uncond = None if unguided else (negative_input_ids, negative_attention_mask)
+    branches = _Branches(model, (input_ids, attention_mask), uncond, mode == "batched",
+                         max_new_tokens if compile else None)
     return branches, eos, pad_id
 
 

@@ -20,7 +20,8 @@ GPU = {"device": "cuda", "name": "NVIDIA H100 80GB HBM3", "sms": 132, "torch": "
 def _bench(impl, median, calls=1, **info):
     base = dict(impl=impl, semantics="normalized", dtype="bfloat16", batch=1, vocab=262_144,
                 min_bytes=3 * 262_144 * 4, calls_per_round=calls)
-    return {"name": impl, "stats": {"median": median}, "extra_info": {**base, **info}}
+    return {"name": impl, "stats": {"median": median, "iqr": median / 10, "rounds": 20},
+            "extra_info": {**base, **info}}
 
 
 @pytest.fixture
@@ -28,7 +29,7 @@ def raw_gpu(tmp_path):
     raw = {"machine_info": {"cfg_triton": GPU}, "benchmarks": [
         _bench("fused", 1e-3, calls=100),  # 10 µs per call
         _bench("eager", 8e-5), _bench("compiled", 3e-5, compile_s=12.5), _bench("transformers", 5e-5),
-        {"name": "gen", "stats": {"median": 0.96},
+        {"name": "gen", "stats": {"median": 0.96, "iqr": 0.048, "rounds": 7},
          "extra_info": {"impl": "plain", "batch": 1, "new_tokens": 48}},
     ]}
     path = tmp_path / "raw.json"
@@ -46,7 +47,9 @@ def test_summary_divides_by_calls_and_computes_ratios(raw_gpu):
     assert point["gbps"] == pytest.approx(3 * 262_144 * 4 / 1e-5 / 1e9)
     assert point["bandwidth_fraction"] == pytest.approx(point["gbps"] / 3000.0)
     assert point["compile_s"] == 12.5
-    assert results["generation"] == [{"batch": 1, "impl": "plain", "ms_per_token": pytest.approx(20.0)}]
+    assert point["fused_iqr_us"] == pytest.approx(1.0) and point["fused_rounds"] == 20
+    assert results["generation"] == [{"batch": 1, "impl": "plain", "ms_per_token": pytest.approx(20.0),
+                                      "iqr_ms_per_token": pytest.approx(1.0), "rounds": 7}]
     assert report.machine_tag(results["machine"]) == "cuda-nvidia-h100-80gb-hbm3"
 
 
@@ -60,7 +63,7 @@ def test_run_publishes_file_plot_and_readme_table(raw_gpu, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
-    assert "NVIDIA H100 80GB HBM3" in text and "| normalized | bfloat16 | 1 | 262,144 | 10 |" in text
+    assert "NVIDIA H100 80GB HBM3" in text and "| normalized | bfloat16 | 1 | 262,144 | 10 ± 1 |" in text
     assert "results/cuda-nvidia-h100-80gb-hbm3.png" in text
 
 

@@ -300,3 +300,22 @@ def test_bad_arguments_fail_before_any_model_work(tiny_llama, kwargs, error, mat
     finally:
         hook.remove()
     assert not calls
+
+
+def test_scale_one_is_plain_decoding_with_one_branch(smollm2):
+    model, tok = smollm2
+    ids, mask = _left_padded(tok, PROMPTS)
+    theirs = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
+                            do_sample=False)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    try:
+        ours = cfg_triton.generate(model, ids, mask, guidance_scale=1.0, max_new_tokens=NEW,
+                                   min_new_tokens=NEW)
+    finally:
+        hook.remove()
+    assert ours.tolist() == theirs.tolist()
+    assert set(calls) == {len(PROMPTS)}  # never a [2B] batch
+    with pytest.warns(UserWarning, match="not used"):
+        cfg_triton.generate(model, ids[:1], guidance_scale=1, negative_input_ids=ids[:1], max_new_tokens=1)
