@@ -158,13 +158,16 @@ def generation_table(results) -> str:
 
 
 GEN_IMPLS = {"plain": "plain", "transformers_cfg": "transformers CFG",
+             "transformers_cfg_patched": "transformers CFG, patched",
              "cfg_triton_unguided": "cfg_triton unguided", "cfg_triton_batched": "cfg_triton batched",
              "cfg_triton_sequential": "cfg_triton sequential", "cfg_triton_compiled": "cfg_triton compiled"}
 # (numerator, denominator, heading): guidance's cost in our own loop first, then the comparisons.
 GEN_RATIOS = [("cfg_triton_batched", "cfg_triton_unguided", "guided / unguided (ours)"),
               ("cfg_triton_batched", "transformers_cfg", "batched / transformers CFG"),
               ("cfg_triton_batched", "plain", "batched / transformers plain"),
-              ("plain", "cfg_triton_compiled", "transformers plain / compiled")]
+              ("plain", "cfg_triton_compiled", "transformers plain / compiled"),
+              ("transformers_cfg_patched", "transformers_cfg", "patched / unpatched transformers CFG"),
+              ("transformers_cfg_patched", "cfg_triton_batched", "patched / cfg_triton batched")]
 
 
 def _generation_rows(results, gen, model) -> str:

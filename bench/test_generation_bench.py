@@ -1,7 +1,7 @@
 """End-to-end CFG generation on the bundled SmolLM2: greedy, 48 new tokens, batch 1 and batch 8.
 
 Per batch size, side by side in one run: transformers' plain generation and its
-`generate(guidance_scale=…)`, and `cfg_triton.generate` unguided (γ = 1: the same loop with one
+`generate(guidance_scale=…)`, unpatched and under `patch_transformers()`, and `cfg_triton.generate` unguided (γ = 1: the same loop with one
 branch, the baseline for what guidance costs), batched and sequential. Every run is forced to the
 full 48 tokens (`min_new_tokens`) so that ms/token compares like with like. Also the load time of
 the bundled model from its converted-checkpoint cache.
@@ -38,14 +38,17 @@ def _run(impl, model, ids, mask):
         return model.generate(ids, attention_mask=mask, do_sample=False, **kw)
     if impl == "transformers_cfg":
         return model.generate(ids, attention_mask=mask, do_sample=False, guidance_scale=1.5, **kw)
+    if impl == "transformers_cfg_patched":  # the same unchanged call, under the drop-in patch
+        with cfg_triton.patch_transformers():
+            return model.generate(ids, attention_mask=mask, do_sample=False, guidance_scale=1.5, **kw)
     if impl == "cfg_triton_unguided":
         return cfg_triton.generate(model, ids, mask, guidance_scale=1.0, **kw)
     mode = impl.removeprefix("cfg_triton_")
     return cfg_triton.generate(model, ids, mask, guidance_scale=1.5, mode=mode, **kw)
 
 
-IMPLS = ["plain", "transformers_cfg", "cfg_triton_unguided", "cfg_triton_batched",
-         "cfg_triton_sequential"]
+IMPLS = ["plain", "transformers_cfg", "transformers_cfg_patched", "cfg_triton_unguided",
+         "cfg_triton_batched", "cfg_triton_sequential"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

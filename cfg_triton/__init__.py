@@ -1,8 +1,9 @@
 """Fused classifier-free guidance for language-model generation."""
 from . import reference
 from .ops import guidance, triton_available, uses_triton
-from .processors import CFGLogitsProcessor, UnbatchedCFGLogitsProcessor, patch_transformers
+from .processors import CFGLogitsProcessor, UnbatchedCFGLogitsProcessor
 from .sampler import generate
+from .transformers import patch_transformers
 
 __all__ = [
     "CFGLogitsProcessor",

@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, type=_text)
     gen.add_argument("--negative-prompt", type=_text, help="the unconditional branch (default: last prompt token)")
     gen.add_argument("--system", help="system message; without --negative-prompt the negative branch "
-                                      "is the same chat without it (system-prompt guidance)")
+                                      "is the same chat without it, which for chat templates with a "
+                                      "default system prompt (SmolLM2) means with that default")
     gen.add_argument("--guidance-scale", type=_number(-1e6, 1e6), default=1.5)
     gen.add_argument("--mix", type=_number(0, 1), default=None, help="interpolate toward the conditional "
                                                              "distribution (0.7 in the CFG paper)")

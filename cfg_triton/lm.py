@@ -6,7 +6,9 @@ import contextlib
 import functools
 import inspect
 import os
+import threading
 import time
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +53,28 @@ def static_cache(model, rows: int, length: int):
     weight = next(model.parameters())
     return StaticCache(config=model.config, max_cache_len=length, max_batch_size=rows,
                        device=weight.device, dtype=weight.dtype)
+
+
+# Static caches handed back after a generation, per model and (rows, length): reusing one keeps its
+# tensors' addresses, so a CUDA graph recorded for it replays instead of being recorded again.
+_free_caches = weakref.WeakKeyDictionary()
+_free_lock = threading.Lock()
+
+
+def take_static_cache(model, rows: int, length: int):
+    """A reset static cache from the pool (or a new one); give it back with `give_back_cache`."""
+    with _free_lock:
+        free = _free_caches.get(model, {}).get((rows, length))
+        cache = free.pop() if free else None
+    if cache is None:
+        return static_cache(model, rows, length)
+    cache.reset()
+    return cache
+
+
+def give_back_cache(model, rows: int, length: int, cache) -> None:
+    with _free_lock:
+        _free_caches.setdefault(model, {}).setdefault((rows, length), []).append(cache)
 
 
 _NARROW_ROWS = 32

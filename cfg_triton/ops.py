@@ -230,7 +230,8 @@ def guidance(
 
     Tensor γ and α are checked on the CPU only: reading the values of a GPU tensor would sync the
     device and break CUDA-graph capture, so there a non-finite γ gives its row NaN and a mix outside
-    [0, 1] is used as given. The op itself never reads device values on a GPU.
+    [0, 1] is used as given. The Triton path never reads device values; the torch path (CPU, and
+    float64 input anywhere) reads one per call to choose its masked-token path.
 
     An inference op: inputs that require grad raise unless grad mode is off.
     CUDA tensors run the Triton kernels; CPU tensors run the torch path (with `TRITON_INTERPRET=1`

@@ -1,12 +1,13 @@
-"""Drop-in logits processors for `model.generate`, the sampling warpers, and `patch_transformers`."""
+"""Drop-in logits processors for `model.generate` and the sampling warpers."""
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 
 import torch
 
-from .lm import forward_last, positions
+from .lm import positions
 from .ops import guidance
 
 
@@ -73,8 +74,14 @@ class UnbatchedCFGLogitsProcessor:
     """Fused replacement for transformers' `UnbatchedClassifierFreeGuidanceLogitsProcessor`.
 
     Same contract: the unconditional branch (`unconditional_ids`, default the prompt's last token) runs
-    through `model` once per call with its own cache; returns normalized CFG log-probabilities `[B, V]`
-    (interpolated with `mix=α`), or `log_softmax(scores)` when `guidance_scale == 1` and no mix.
+    through `model` (any callable returning an object with `.logits`) once per call with its own
+    cache, called as transformers' processor calls it (ids first, then `attention_mask`, `use_cache`
+    and the cache by keyword) plus `position_ids` from the mask where the callable takes them, so
+    that left-padded negative prompts keep their positions. Rows are repeated to match prompts
+    expanded by `num_return_sequences`. Returns normalized CFG log-probabilities shaped like
+    `scores` (`[B, V]` or `[B, 1, V]`), interpolated with `mix=α`; `log_softmax(scores)` when
+    `guidance_scale == 1` and no mix. Under `patch_transformers`, a paired model view supplies the
+    unconditional logits from its own `[2B]` forward instead of a second model call.
     """
 
     def __init__(self, guidance_scale, model, unconditional_ids=None, unconditional_attention_mask=None,
@@ -91,44 +98,46 @@ class UnbatchedCFGLogitsProcessor:
                 self.ids = input_ids[:, -1:]
             if self.mask is None:
                 self.mask = torch.ones_like(self.ids)
+            if self.ids.shape[0] != input_ids.shape[0]:  # prompts expanded by num_return_sequences
+                copies = input_ids.shape[0] // self.ids.shape[0]
+                self.ids = self.ids.repeat_interleave(copies, dim=0)
+                self.mask = self.mask.repeat_interleave(copies, dim=0)
             ids = self.ids
         else:
             self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
             self.ids = torch.cat([self.ids, input_ids[:, -1:]], dim=1)
             ids = input_ids[:, -1:] if self.use_cache else self.ids
-        pos = positions(self.mask)[:, -ids.shape[1]:]
-        logits, cache = forward_last(self.model, ids, self.mask, pos, self.cache)
-        self.cache = cache if self.use_cache else None
-        return logits
+        kw = {"attention_mask": self.mask, "use_cache": self.use_cache, cache_keyword(): self.cache}
+        if accepts(self.model, "position_ids"):
+            kw["position_ids"] = positions(self.mask)[:, -ids.shape[1]:]
+        out = self.model(ids, **kw)
+        self.cache = (out.get("cache", out.get("past_key_values")) if hasattr(out, "get") else None) \
+            if self.use_cache else None
+        return out.logits[:, -1]
 
     def __call__(self, input_ids, scores):
+        shape = scores.shape
+        scores = scores.reshape(shape[0], shape[-1])
         if isinstance(self.guidance_scale, numbers.Real) and self.guidance_scale == 1 and self.mix is None:
-            return torch.log_softmax(scores, dim=-1)
-        uncond = self._unconditional_logits(input_ids).to(scores.dtype)
-        return guidance(scores, uncond, self.guidance_scale, mix=self.mix, out_dtype=scores.dtype)
+            return torch.log_softmax(scores, dim=-1).reshape(shape)
+        pairing = getattr(self.model, "_cfg_pairing", None)
+        uncond = pairing.take() if pairing is not None else self._unconditional_logits(input_ids)
+        out = guidance(scores, uncond.to(scores.dtype), self.guidance_scale, mix=self.mix,
+                       out_dtype=scores.dtype)
+        return out.reshape(shape)
 
 
-class patch_transformers:
-    """Makes unchanged `model.generate(guidance_scale=…, negative_prompt_ids=…)` calls use the fused
-    processor. Undo with `.undo()`, or use it as a context manager::
+def cache_keyword() -> str:
+    """The keyword transformers' own CFG processor passes its cache under (5.x: `cache`)."""
+    import transformers
 
-        with cfg_triton.patch_transformers():
-            model.generate(ids, guidance_scale=1.5)
-    """
+    return "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
 
-    def __init__(self):
-        from transformers.generation import utils
 
-        self._utils = utils
-        self._original = utils.UnbatchedClassifierFreeGuidanceLogitsProcessor
-        utils.UnbatchedClassifierFreeGuidanceLogitsProcessor = UnbatchedCFGLogitsProcessor
-
-    def undo(self):
-        self._utils.UnbatchedClassifierFreeGuidanceLogitsProcessor = self._original
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.undo()
+def accepts(fn, name: str) -> bool:
+    """Whether calling `fn` (a module: its forward) can take keyword `name`."""
+    try:
+        params = inspect.signature(fn.forward if isinstance(fn, torch.nn.Module) else fn).parameters
+    except (TypeError, ValueError):
         return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

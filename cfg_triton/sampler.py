@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from .lm import forward_last, narrow_linears, positions, static_cache
+from .lm import forward_last, give_back_cache, narrow_linears, positions, take_static_cache
 from .ops import guidance
 from .processors import check_warpers, warp_scores
 
@@ -45,13 +45,19 @@ class _Branches:
         # The cache slot a step writes, counted on the device: no host-to-device copy per step.
         self.slots = [torch.full((1,), ids.shape[1] - 1, device=ids.device) for ids, _ in self.inputs]
         if new_tokens is None:
-            self.caches = [None] * len(self.inputs)
+            self.shapes, self.caches = [], [None] * len(self.inputs)
             self.masks = [mask for _, mask in self.inputs]
         else:
-            self.caches = [static_cache(model, ids.shape[0], ids.shape[1] + new_tokens)
-                           for ids, _ in self.inputs]
+            self.shapes = [(ids.shape[0], ids.shape[1] + new_tokens) for ids, _ in self.inputs]
+            self.caches = [take_static_cache(model, *shape) for shape in self.shapes]
             self.masks = [torch.cat([mask, mask.new_zeros((mask.shape[0], new_tokens))], dim=1)
                           for _, mask in self.inputs]
+
+    def release(self):
+        """Hands static caches back for the next generation of the same shape."""
+        for shape, cache in zip(self.shapes, self.caches):
+            give_back_cache(self.model, *shape, cache)
+        self.caches = []
 
     def prefill(self):
         """Runs the prompts; returns the (cond, uncond) logits of their last positions."""
@@ -153,7 +159,10 @@ def generate(model, input_ids, attention_mask=None, *, negative_input_ids=None,
     tokens = []
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    with contextlib.nullcontext() if compile else narrow_linears(model):
+    with contextlib.ExitStack() as stack:
+        stack.callback(branches.release)
+        if not compile:
+            stack.enter_context(narrow_linears(model))
         cond, uncond = branches.prefill()
         scores = guidance(cond, uncond, guidance_scale, mix=mix)
         for step in range(max_new_tokens):

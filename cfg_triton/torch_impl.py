@@ -92,7 +92,10 @@ def guidance(cond, uncond, gamma, mix, mode, out_dtype):
     # are taken relative to their row maxima first: with a large constant added to a row's logits,
     # the combination would otherwise cancel digits (an error of one ulp of the constant).
     top_c, logsum_c = _row_max_logsum(c)
-    top_u, logsum_u = _row_max_logsum(u)
+    if mode == NORMALIZED:
+        top_u, logsum_u = _row_max_logsum(u)
+    else:  # LSE(u) cancels in the interpolated variant; only the shift is needed
+        top_u = u.amax(dim=-1, keepdim=True)
     out, scratch = torch.sub(c, top_c), torch.sub(u, top_u)
     torch.lerp(scratch, out, gamma, out=out)  # h = u' + γ (c' - u'); exactly c' at γ = 1
     # h is finite exactly where both logits are: -inf, +inf or NaN in either branch turns into

@@ -67,8 +67,7 @@ def test_per_row_tensors(backend, semantics):
 
 def test_zero_dim_tensor_scale_is_a_scalar(backend):
     cond, uncond = logits(2, 300), logits(2, 300)
-    torch.testing.assert_close(cfg_triton.guidance(cond, uncond, torch.tensor(2.5)),
-                               cfg_triton.guidance(cond, uncond, 2.5))
+    assert_matches(cfg_triton.guidance(cond, uncond, torch.tensor(2.5)), expected(cond, uncond, 2.5))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -256,16 +255,50 @@ def test_inputs_requiring_grad_are_refused_outside_no_grad():
 
 
 def test_torch_compile_fullgraph(backend):
+    """Inductor compiles the op into a graph without a break; the graph's result is the reference's."""
     def step(scores, gamma):
         cond, uncond = scores.chunk(2)
         return cfg_triton.guidance(cond, uncond, gamma, mix=0.7).softmax(-1)
 
     scores = torch.randn(4, 1000) * 4
-    compiled = torch.compile(step, fullgraph=True, backend="eager")
-    torch.testing.assert_close(compiled(scores, 1.5), step(scores, 1.5))
+    compiled = torch.compile(step, fullgraph=True)
+    want = expected(scores[:2], scores[2:], 1.5, mix=0.7).softmax(-1)
+    torch.testing.assert_close(compiled(scores, 1.5).double(), want, rtol=1e-5, atol=1e-7)
 
 
 def test_registered_op_passes_opcheck():
     cond, uncond = logits(3, 100), logits(3, 100)
     torch.library.opcheck(torch.ops.cfg_triton.guidance.default,
                           (cond, uncond, torch.ones(3), 0.0, None, 0.7, 2, torch.float32))
+
+
+@pytest.mark.parametrize("semantics", ["normalized", "interpolated"])
+def test_chunked_row_log_sum_exp_of_the_torch_path(monkeypatch, semantics):
+    """Large inputs take the torch path's chunked log-sum-exp; shrink its threshold so that a small
+    problem runs it over several chunks of several rows, with a different scale in every row."""
+    from cfg_triton import torch_impl
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch_impl, "_SCRATCH_ELEMENTS", 2 * 3_001)
+    cond, uncond = logits(7, 3_001), logits(7, 3_001)
+    cond += torch.arange(7.0)[:, None] * 30  # row maxima differ: the wrong row's max shows
+    uncond -= torch.arange(7.0)[:, None] * 20
+    kw = SEMANTICS[semantics]
+    assert_matches(cfg_triton.guidance(cond, uncond, 1.5, **kw), expected(cond, uncond, 1.5, **kw))
+
+
+@pytest.mark.parametrize("semantics", ["normalized", "interpolated"])
+def test_split_boundaries_count_each_token_once(monkeypatch, semantics):
+    """Dominant logits exactly at the first and last token of every vocabulary split: a split that
+    also counted its neighbour's first token would count a dominant term twice."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    vocab = 9 * ops._kernels.BLOCK + 5
+    n_splits, split_len = ops._kernels.plan(1, vocab, ops._num_sms(torch.device("cpu")))
+    assert n_splits > 2
+    cond, uncond = logits(2, vocab, scale=1.0), logits(2, vocab, scale=1.0)
+    for start in range(0, vocab, split_len):
+        for idx in (start, min(start + split_len, vocab) - 1):
+            cond[:, idx] = 30.0
+            uncond[:, idx] = 25.0
+    kw = SEMANTICS[semantics]
+    assert_matches(cfg_triton.guidance(cond, uncond, 2.0, **kw), expected(cond, uncond, 2.0, **kw))

@@ -19,6 +19,18 @@ def test_batched_processor_matches_transformers(backend, gamma):
     torch.testing.assert_close(cfg_triton.CFGLogitsProcessor(gamma)(ids, scores), theirs, **FP32)
 
 
+@pytest.mark.parametrize("kw", [dict(normalize=True), dict(mix=0.7), dict(mix=torch.tensor([0.2, 0.9]))],
+                         ids=["normalized", "mix", "mix-per-row"])
+def test_batched_processor_normalized_and_interpolated(backend, kw):
+    from helpers import expected
+
+    ids = torch.ones(2, 5, dtype=torch.long)
+    scores = logits(4, 3000)
+    got = cfg_triton.CFGLogitsProcessor(2.5, **kw)(ids, scores)
+    want = expected(scores[:2], scores[2:], 2.5, **({"mix": kw["mix"]} if "mix" in kw else {}))
+    torch.testing.assert_close(got.double(), want, **FP32)
+
+
 def test_batched_processor_rejects_unstacked_scores():
     with pytest.raises(ValueError, match="2B"):
         cfg_triton.CFGLogitsProcessor(1.5)(torch.ones(3, 5, dtype=torch.long), logits(3, 100))
@@ -38,6 +50,24 @@ def test_unbatched_processor_matches_transformers(smollm2, use_cache):
             a, b = ours(ids, scores), theirs(ids, scores)
             torch.testing.assert_close(a, b, **FP32)
             ids = torch.cat([ids, a.argmax(-1, keepdim=True)], 1)
+
+
+@pytest.mark.model
+def test_unbatched_processor_defaults_and_mix(smollm2):
+    """Without unconditional ids the branch is the prompt's last token (transformers' default);
+    with `mix`, the interpolated semantics on the same two logit rows."""
+    from helpers import expected
+
+    model, tok = smollm2
+    ids = tok("The weather today is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        scores = model(ids).logits[:, -1].float()
+        last = model(ids[:, -1:]).logits[:, -1].float()
+    theirs = hf.UnbatchedClassifierFreeGuidanceLogitsProcessor(2.0, model)(ids, scores)
+    torch.testing.assert_close(cfg_triton.UnbatchedCFGLogitsProcessor(2.0, model)(ids, scores), theirs,
+                               **FP32)
+    mixed = cfg_triton.UnbatchedCFGLogitsProcessor(2.0, model, mix=0.7)(ids, scores)
+    torch.testing.assert_close(mixed.double(), expected(scores, last, 2.0, mix=0.7), **FP32)
 
 
 @pytest.mark.model
@@ -108,6 +138,17 @@ def test_command_generates_and_compares(smollm2, capsys):
     out, err = capsys.readouterr()
     assert "--- guided (scale 1.5, batched) ---" in out and "--- unguided ---" in out
     assert err.count("tokens/s") == 2
+    # The streamed texts are what generate gives for the same chats.
+    model, tok = smollm2
+    chat = [{"role": "user", "content": "Name a color."}]
+    system = [{"role": "system", "content": "Answer in one word."}]
+    encode = lambda m: tok.apply_chat_template(m, add_generation_prompt=True,  # noqa: E731
+                                               return_tensors="pt", return_dict=True)["input_ids"]
+    ids, neg = encode(system + chat), encode(chat)
+    for scale, negative in ((1.5, neg), (1.0, None)):
+        new = cfg_triton.generate(model, ids, negative_input_ids=negative, guidance_scale=scale,
+                                  max_new_tokens=6)[0, ids.shape[1]:]
+        assert tok.decode(new, skip_special_tokens=True).strip() in out
 
 
 @pytest.mark.parametrize("argv, argument", [

@@ -319,3 +319,42 @@ def test_scale_one_is_plain_decoding_with_one_branch(smollm2):
     assert set(calls) == {len(PROMPTS)}  # never a [2B] batch
     with pytest.warns(UserWarning, match="not used"):
         cfg_triton.generate(model, ids[:1], guidance_scale=1, negative_input_ids=ids[:1], max_new_tokens=1)
+
+
+def test_sampling_equals_a_literal_loop_at_the_same_seed(smollm2):
+    """do_sample with temperature, top-k and top-p: the same draws as a literal loop that applies
+    transformers' warpers to the float64 reference and samples with the same generator."""
+    from transformers.generation import logits_process as hf
+
+    model, tok = smollm2
+    ids, neg = _ids(tok, PROMPTS[0]), _ids(tok, NEGATIVES[0])
+    warpers = [hf.TemperatureLogitsWarper(0.7), hf.TopKLogitsWarper(40), hf.TopPLogitsWarper(0.8)]
+    gen = torch.Generator().manual_seed(5)
+    cond_seq, uncond_seq = ids, neg
+    with torch.no_grad():
+        for _ in range(NEW):
+            c = model(cond_seq).logits[:, -1].double()
+            u = model(uncond_seq).logits[:, -1].double()
+            scores = reference.normalized_cfg(c, u, 1.5).float()
+            scores[:, model.generation_config.eos_token_id] = float("-inf")
+            for warp in warpers:
+                scores = warp(cond_seq, scores)
+            token = torch.multinomial(scores.softmax(-1), 1, generator=gen)
+            cond_seq, uncond_seq = torch.cat([cond_seq, token], 1), torch.cat([uncond_seq, token], 1)
+    ours = cfg_triton.generate(model, ids, negative_input_ids=neg, guidance_scale=1.5, do_sample=True,
+                               temperature=0.7, top_k=40, top_p=0.8, max_new_tokens=NEW,
+                               min_new_tokens=NEW, generator=torch.Generator().manual_seed(5))
+    assert ours.tolist() == cond_seq.tolist()
+
+
+def test_eos_is_allowed_exactly_at_step_min_new_tokens(tiny_llama):
+    """Pick as EOS the token the model emits at step k: with min_new_tokens = k it must still end
+    there, with min_new_tokens = k + 1 it must not."""
+    ids = torch.randint(2, 512, (1, 6))
+    free = cfg_triton.generate(tiny_llama, ids, max_new_tokens=8, eos_token_id=[])[0, 6:].tolist()
+    k = next(j for j in range(1, 8) if free[j] not in free[:j])
+    ended = cfg_triton.generate(tiny_llama, ids, max_new_tokens=8, min_new_tokens=k, eos_token_id=free[k])
+    assert ended[0, 6:].tolist() == free[: k + 1]
+    held = cfg_triton.generate(tiny_llama, ids, max_new_tokens=8, min_new_tokens=k + 1,
+                               eos_token_id=free[k])
+    assert free[k] not in held[0, 6 : 6 + k + 1].tolist()
