@@ -110,7 +110,6 @@ def _uninstall():
     GenerationMixin.generate = _state["generate"]
 
 
-@functools.wraps(lambda self, *args, **kwargs: None)
 def _generate(self, *args, **kwargs):
     """GenerationMixin.generate under the patch: a paired view where the call allows it."""
     pairing = _plan(self, args, kwargs)
@@ -143,7 +142,7 @@ def _plan(model, args, kwargs):
         ((option("num_beams", 1) or 1) > 1, "beam search (num_beams > 1)"),
         (kwargs.get("assistant_model") is not None or option("prompt_lookup_num_tokens") is not None,
          "assisted decoding"),
-        (option("penalty_alpha") is not None and (option("top_k") or 0) > 1, "contrastive search"),
+        ((option("penalty_alpha") or 0) > 0 and (option("top_k") or 0) > 1, "contrastive search"),
         (option("cache_implementation") is not None, "a cache_implementation (static caches)"),
         (kwargs.get("inputs_embeds") is not None, "inputs_embeds"),
         (bool(kwargs.get("synced_gpus")), "synced_gpus"),
@@ -173,7 +172,7 @@ class _Pairing:
 
     def __init__(self, prompt_len, negative, negative_mask):
         self.prompt_len, self.negative, self.negative_mask = prompt_len, negative, negative_mask
-        self.uncond = None
+        self.uncond = self._total = None
 
     def take(self):
         uncond, self.uncond = self.uncond, None
@@ -183,9 +182,10 @@ class _Pairing:
 
     def run(self, forward, input_ids, attention_mask, kwargs):
         rows, width = input_ids.shape
-        total = attention_mask.shape[1] if attention_mask is not None else None
-        if total is None:  # no mask: no padding, and the sequence is prompt plus what is generated
-            total = width if self.uncond is None and width >= self.prompt_len else self._total + width
+        if attention_mask is not None:
+            total = attention_mask.shape[1]
+        else:  # no mask, no padding: one new token after a cached step, else the whole sequence
+            total = self._total + 1 if self._total is not None and width == 1 else width
         self._total = total
         generated = total - self.prompt_len
         negative, negative_mask = self.negative, self.negative_mask

@@ -40,7 +40,7 @@ MUTATIONS = [
      "self.ids = input_ids[:, -1:]", "self.ids = input_ids",
      ["tests/test_processors.py", "-k", "unbatched"]),
     ("unbatched processor ignores mix", "cfg_triton/processors.py",
-     "mix=self.mix, out_dtype=scores.dtype)", "mix=None, out_dtype=scores.dtype)",
+     "self.guidance_scale, mix=self.mix,\n", "self.guidance_scale, mix=None,\n",
      ["tests/test_processors.py", "-k", "unbatched"]),
     ("a statistics split also counts the next split's first token", "kernels/guidance.py",
      "end = tl.minimum(start + split_len, V)\n    for offset in range(start, end, BLOCK):\n"

@@ -20,15 +20,20 @@ def _ids(tok, text):
     return tok(text, return_tensors="pt").input_ids
 
 
-def _left_padded(tok, texts):
+def _padded(tok, texts, side="left"):
     rows = [_ids(tok, t)[0] for t in texts]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tok.pad_token_id or 0)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
+        cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, cols] = r
+        mask[i, cols] = 1
     return ids, mask
+
+
+def _left_padded(tok, texts):
+    return _padded(tok, texts, "left")
 
 
 @pytest.mark.parametrize("mode", ["batched", "sequential"])
@@ -172,14 +177,7 @@ def test_bad_arguments(smollm2):
 
 
 def _right_padded(tok, texts):
-    rows = [_ids(tok, t)[0] for t in texts]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tok.pad_token_id or 0)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = r
-        mask[i, : len(r)] = 1
-    return ids, mask
+    return _padded(tok, texts, "right")
 
 
 def test_right_padded_batch_gives_each_rows_solo_output(smollm2):
