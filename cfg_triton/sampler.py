@@ -127,9 +127,10 @@ def generate(model, input_ids, attention_mask=None, *, negative_input_ids=None,
              compile=False):
     """Generates with classifier-free guidance; returns `[B, T + n]` ids, the prompt then new tokens.
 
-    `input_ids`/`attention_mask`: left-padded prompts `[B, T]`. The unconditional branch is
-    `negative_input_ids` (`[B, T']`, left-padded, with its mask) or, by default, each prompt's last
-    token. Each step the guided scores are `cfg_triton.guidance(cond, uncond, guidance_scale,
+    `input_ids`/`attention_mask`: prompts `[B, T]`, padded on either side (the mask says where; each
+    row's tokens are moved to the right end). The unconditional branch is `negative_input_ids`
+    (`[B, T']` with its mask; an empty one means the BOS token) or, by default, each prompt's last
+    token. The result repeats `input_ids` as given. Each step the guided scores are `cfg_triton.guidance(cond, uncond, guidance_scale,
     mix=mix)` (normalized CFG; interpolated when `mix` is set), then `min_new_tokens`, temperature,
     top-k and top-p apply in that order; greedy unless `do_sample`. Both branches get the chosen
     token. `mode="batched"` runs both branches as one `[2B]` forward; `"sequential"` runs two `[B]`
