@@ -302,3 +302,46 @@ def test_split_boundaries_count_each_token_once(monkeypatch, semantics):
             uncond[:, idx] = 25.0
     kw = SEMANTICS[semantics]
     assert_matches(cfg_triton.guidance(cond, uncond, 2.0, **kw), expected(cond, uncond, 2.0, **kw))
+
+
+def test_direct_launch_passes_every_parameter_in_kernel_order(monkeypatch):
+    """The cached direct launch calls a compiled kernel with all parameters positionally, as
+    Triton's JIT does: the launcher's argument tuples must follow each kernel's signature, and the
+    second launch of a key must reach the cached runner, not the JIT."""
+    import inspect
+
+    kernels = ops._kernels
+    jit_calls, runner_calls = [], []
+
+    class FakeKernel:
+        def __init__(self, real):
+            self.real = real
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                names = list(inspect.signature(self.real.fn).parameters)
+                bound = dict(zip(names, args)) | {k: v for k, v in kw.items() if k != "num_warps"}
+                assert list(bound) == names  # every parameter given, none twice
+                jit_calls.append(self.real.fn.__name__)
+                return FakeCompiled(names)
+            return launch
+
+    class FakeCompiled:
+        def __init__(self, names):
+            self.names = names
+
+        def __getitem__(self, grid):
+            return lambda *args: runner_calls.append(len(args) == len(self.names))
+
+    monkeypatch.setattr(kernels, "_compiled", {})
+    monkeypatch.setattr(kernels, "_guidance_stats_kernel", FakeKernel(kernels._guidance_stats_kernel))
+    monkeypatch.setattr(kernels, "_guidance_write_kernel", FakeKernel(kernels._guidance_write_kernel))
+    cond, uncond = logits(2, 4096), logits(2, 4096)
+    out, stats = torch.empty(2, 4096), torch.empty(2 * 8 * kernels.STATS)
+    for mode in (0, 1, 2):
+        for _ in range(2):
+            kernels.launch(cond, uncond, out, stats, mode, 1.5, torch.ones(2), 0.7, None, 2, 2048,
+                           key=("test", mode))
+    assert jit_calls == ["_guidance_write_kernel", "_guidance_stats_kernel", "_guidance_write_kernel",
+                         "_guidance_stats_kernel", "_guidance_write_kernel"]
+    assert runner_calls == [True] * 5
