@@ -88,6 +88,9 @@ def _narrow_linear(x, weight, bias):
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 class _NarrowLinears(torch.overrides.TorchFunctionMode):
     """Routes few-row CPU `F.linear` calls to `W @ x.T`; see `narrow_linears`."""
 
@@ -101,9 +104,6 @@ class _NarrowLinears(torch.overrides.TorchFunctionMode):
                     and x.numel() <= _NARROW_ROWS * x.shape[-1] and x.numel() > 0):
                 return _narrow_linear(x, weight, bias)
         return func(*args, **kwargs)
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 @functools.lru_cache(maxsize=None)

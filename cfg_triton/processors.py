@@ -103,12 +103,14 @@ class UnbatchedCFGLogitsProcessor:
                 self.ids = self.ids.repeat_interleave(copies, dim=0)
                 self.mask = self.mask.repeat_interleave(copies, dim=0)
             ids = self.ids
+            # How to call the model is decided once: introspection has no place in every step.
+            self.cache_keyword, self.pass_positions = cache_keyword(), accepts(self.model, "position_ids")
         else:
             self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
             self.ids = torch.cat([self.ids, input_ids[:, -1:]], dim=1)
             ids = input_ids[:, -1:] if self.use_cache else self.ids
-        kw = {"attention_mask": self.mask, "use_cache": self.use_cache, cache_keyword(): self.cache}
-        if accepts(self.model, "position_ids"):
+        kw = {"attention_mask": self.mask, "use_cache": self.use_cache, self.cache_keyword: self.cache}
+        if self.pass_positions:
             kw["position_ids"] = positions(self.mask)[:, -ids.shape[1]:]
         out = self.model(ids, **kw)
         self.cache = (out.get("cache", out.get("past_key_values")) if hasattr(out, "get") else None) \

@@ -188,10 +188,11 @@ class _Pairing:
             total = self._total + 1 if self._total is not None and width == 1 else width
         self._total = total
         generated = total - self.prompt_len
+        if self.negative.shape[0] != rows:  # prompts expanded by num_return_sequences: expand once
+            copies = rows // self.negative.shape[0]
+            self.negative = self.negative.repeat_interleave(copies, dim=0)
+            self.negative_mask = self.negative_mask.repeat_interleave(copies, dim=0)
         negative, negative_mask = self.negative, self.negative_mask
-        if negative.shape[0] != rows:  # prompts expanded by num_return_sequences
-            negative = negative.repeat_interleave(rows // negative.shape[0], dim=0)
-            negative_mask = negative_mask.repeat_interleave(rows // negative_mask.shape[0], dim=0)
         # Both branches left-padded to one length, so that they share the cache's sequence axis.
         length = max(self.prompt_len, negative.shape[1])
         cond_pad, uncond_pad = length - self.prompt_len, length - negative.shape[1]
