@@ -107,6 +107,23 @@ def _convert(source: Path, target: Path) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
+def checkpoint(name_or_path: str = "smollm2", *, use_cache_dir: bool = True) -> Path:
+    """The folder to load a bundled name, GGUF path or folder from with `from_pretrained`.
+
+    A GGUF source is de-quantized once into a float32 checkpoint in the cache folder (see `load`);
+    without `use_cache_dir` a GGUF source raises, since `from_pretrained` then needs `gguf_file`.
+    """
+    folder, gguf = _resolve(name_or_path)
+    if gguf is None:
+        return folder
+    if not use_cache_dir:
+        raise ValueError(f"{name_or_path!r} is a GGUF file: it needs the converted-checkpoint cache")
+    converted = _converted_dir(folder / gguf)
+    if not (converted / "config.json").exists():
+        _convert(folder / gguf, converted)
+    return converted
+
+
 def load(name_or_path: str = "smollm2", *, dtype=None, use_cache_dir: bool = True):
     """Returns `(model, tokenizer)` in eval mode on CPU, in `dtype` (default: the checkpoint's).
 
@@ -115,13 +132,10 @@ def load(name_or_path: str = "smollm2", *, dtype=None, use_cache_dir: bool = Tru
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, gguf = _resolve(name_or_path)
     kw = {} if dtype is None else {"dtype": dtype}
+    folder, gguf = _resolve(name_or_path)
     if gguf is not None and use_cache_dir:
-        converted = _converted_dir(folder / gguf)
-        if not (converted / "config.json").exists():
-            _convert(folder / gguf, converted)
-        folder, gguf = converted, None
+        folder, gguf = checkpoint(name_or_path), None
     if gguf is None:
         model = AutoModelForCausalLM.from_pretrained(folder, **kw).eval()
         return model, AutoTokenizer.from_pretrained(folder)

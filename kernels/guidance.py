@@ -54,12 +54,13 @@ def _online_step(running_max, x):
 
 @triton.jit
 def _split_stats(stats_row, max_slot: tl.constexpr, sum_slot: tl.constexpr, n_splits,
-                 MAX_SPLITS: tl.constexpr):
-    """One statistic's per-split (max, sum) pairs, padded to MAX_SPLITS with empty ones."""
+                 STRIDE: tl.constexpr, MAX_SPLITS: tl.constexpr):
+    """One statistic's per-split (max, sum) pairs, padded to MAX_SPLITS with empty ones; a split's
+    statistics are STRIDE floats apart."""
     j = tl.arange(0, MAX_SPLITS)
     live = j < n_splits
-    m = tl.load(stats_row + j * _STATS + max_slot, mask=live, other=float("-inf"))
-    s = tl.load(stats_row + j * _STATS + sum_slot, mask=live, other=0.0)
+    m = tl.load(stats_row + j * STRIDE + max_slot, mask=live, other=float("-inf"))
+    s = tl.load(stats_row + j * STRIDE + sum_slot, mask=live, other=0.0)
     return m, s
 
 
@@ -97,26 +98,16 @@ def _load_tile(c_row, u_row, idx, end):
 
 
 @triton.jit
-def _guidance_stats_kernel(
-    c_ptr, u_ptr, stats_ptr, gamma, gamma_ptr, V, stride_c, stride_u, split_len,
-    MODE: tl.constexpr, GAMMA_PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
-):
-    row, c_row, u_row, gamma = _row_start(c_ptr, u_ptr, stride_c, stride_u, gamma, gamma_ptr,
-                                          GAMMA_PER_ROW)
-    split = tl.program_id(1)
-    lanes = tl.arange(0, BLOCK)
-    c_max = float("-inf")
-    u_max = float("-inf")
-    h_max = float("-inf")
-    c_sum = tl.zeros([BLOCK], dtype=tl.float32)
-    u_sum = tl.zeros([BLOCK], dtype=tl.float32)
-    h_sum = tl.zeros([BLOCK], dtype=tl.float32)
-    m_sum = tl.zeros([BLOCK], dtype=tl.float32)
-    start = split * split_len
-    end = tl.minimum(start + split_len, V)
-    for offset in range(start, end, BLOCK):
-        idx = offset + lanes
-        c, u, inside = _load_tile(c_row, u_row, idx, end)
+def _empty_stats(BLOCK: tl.constexpr):
+    """The running statistics before any tile: (c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum)."""
+    zeros = tl.zeros([BLOCK], dtype=tl.float32)
+    return float("-inf"), float("-inf"), float("-inf"), zeros, zeros, zeros, zeros
+
+
+@triton.jit
+def _fold_tile(c, u, gamma, c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum, MODE: tl.constexpr):
+    """Folds one tile of both branches (fp32, -inf past the end) into the running statistics."""
+    if MODE != _RAW:
         c_ref_old = _finite_or_zero(c_max)
         u_ref_old = _finite_or_zero(u_max)
         c_max, c_scale, c_exp = _online_step(c_max, c)
@@ -138,7 +129,11 @@ def _guidance_stats_kernel(
             h_sum = h_sum * h_scale + h_exp
             # Masked-in-uncond tokens are rare: reuse cond's exponentials instead of a fourth exp.
             m_sum = m_sum * c_scale + tl.where(u_live, 0.0, c_exp)
-    out = stats_ptr + (row * tl.num_programs(1) + split) * _STATS
+    return c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum
+
+
+@triton.jit
+def _store_stats(out, c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum):
     tl.store(out + 0, c_max)
     tl.store(out + 1, tl.sum(c_sum, axis=0))
     tl.store(out + 2, u_max)
@@ -146,6 +141,93 @@ def _guidance_stats_kernel(
     tl.store(out + 4, h_max)
     tl.store(out + 5, tl.sum(h_sum, axis=0))
     tl.store(out + 6, tl.sum(m_sum, axis=0))
+
+
+@triton.jit
+def _guidance_stats_kernel(
+    c_ptr, u_ptr, stats_ptr, gamma, gamma_ptr, V, stride_c, stride_u, split_len,
+    MODE: tl.constexpr, GAMMA_PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row, c_row, u_row, gamma = _row_start(c_ptr, u_ptr, stride_c, stride_u, gamma, gamma_ptr,
+                                          GAMMA_PER_ROW)
+    split = tl.program_id(1)
+    lanes = tl.arange(0, BLOCK)
+    c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum = _empty_stats(BLOCK)
+    start = split * split_len
+    end = tl.minimum(start + split_len, V)
+    for offset in range(start, end, BLOCK):
+        c, u, inside = _load_tile(c_row, u_row, offset + lanes, end)
+        c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum = _fold_tile(
+            c, u, gamma, c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum, MODE)
+    _store_stats(stats_ptr + (row * tl.num_programs(1) + split) * _STATS,
+                 c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum)
+
+
+@triton.jit
+def _row_constants(stats_row, n_splits, gamma, STRIDE: tl.constexpr, MODE: tl.constexpr,
+                   MAX_SPLITS: tl.constexpr):
+    """Merges one row's per-split statistics (in split order) into the constants of `_guided`:
+    (c_ref, u_ref, lse_c, live_const, masked_const). Raw mode needs none (all zero)."""
+    # Everything is relative to the row maxima (c_ref, u_ref): c' = c - c_ref, u' = u - u_ref.
+    # Row constants: u-live tokens get h' - live_const, tokens masked only in uncond get
+    # c' - masked_const (their guided log-prob is their conditional one).
+    c_ref = 0.0
+    u_ref = 0.0
+    live_const = 0.0
+    masked_const = 0.0
+    lse_c = 0.0
+    if MODE != _RAW:
+        c_maxes, c_sums = _split_stats(stats_row, 0, 1, n_splits, STRIDE, MAX_SPLITS)
+        u_maxes, u_sums = _split_stats(stats_row, 2, 3, n_splits, STRIDE, MAX_SPLITS)
+        c_ref, lse_c = _merge(c_maxes, c_sums)
+        u_ref, lse_u = _merge(u_maxes, u_sums)
+        # (1 - γ) LSE(u') + γ LSE(c'): the normalized-CFG row constant.
+        z = lse_c + (1.0 - gamma) * (lse_u - lse_c)
+        live_const = z
+        masked_const = lse_c
+        if MODE == _INTERPOLATED:
+            h_maxes, h_sums = _split_stats(stats_row, 4, 5, n_splits, STRIDE, MAX_SPLITS)
+            # Each split's h' is relative to its own maxima: move it onto the row's.
+            c_move = _finite_or_zero(c_maxes) - c_ref
+            h_maxes = h_maxes + (c_move + (1.0 - gamma) * ((_finite_or_zero(u_maxes) - u_ref) - c_move))
+            h_top, h_logsum = _merge(h_maxes, h_sums)
+            lse_h = h_top + h_logsum
+            _, m_sums = _split_stats(stats_row, 0, 6, n_splits, STRIDE, MAX_SPLITS)
+            _, lse_m = _merge(c_maxes, m_sums)
+            # LSE of the normalized CFG scores g; guarded so an empty set contributes -inf, not NaN.
+            live_mass = tl.where(lse_h == float("-inf"), float("-inf"), lse_h - z)
+            masked_mass = tl.where(lse_m == float("-inf"), float("-inf"), lse_m - lse_c)
+            lse_g = _logaddexp(live_mass, masked_mass)
+            # Equals lse_h exactly when nothing is masked only in uncond (so γ = 1 returns cl bit
+            # for bit, whatever the mix).
+            live_const = tl.where(masked_mass == float("-inf"), lse_h, z + lse_g)
+            masked_const = lse_c + lse_g
+            # LSE(u) cancels above, so NaN or +inf in uncond (lse_u is then NaN) must be passed on.
+            live_const = tl.where(lse_u != lse_u, lse_u, live_const)
+            masked_const = tl.where(lse_u != lse_u, lse_u, masked_const)
+    return c_ref, u_ref, lse_c, live_const, masked_const
+
+
+@triton.jit
+def _guided(c, u, gamma, mix, c_ref, u_ref, lse_c, live_const, masked_const, MODE: tl.constexpr):
+    """The guided score of tokens with logits `c`, `u` (fp32 tiles or scalars), given the row's
+    constants from `_row_constants`."""
+    u_live = u != float("-inf")
+    c_live = c != float("-inf")  # before the shift: a +inf maximum turns finite c' into -inf
+    c = c - c_ref
+    u = u - u_ref
+    h = c + (1.0 - gamma) * (u - c)
+    if MODE == _RAW:
+        # No row statistic carries +inf into NaN here, so flag it token by token.
+        poisoned = (c == float("inf")) | (u == float("inf"))
+        val = tl.where(poisoned, float("nan"), tl.where(u_live, h, c))
+    elif MODE == _NORMALIZED:
+        val = tl.where(u_live, h - live_const, c - masked_const)
+    else:
+        cl = c - lse_c
+        gl = tl.where(u_live, h - live_const, c - masked_const)
+        val = cl + mix * (gl - cl)
+    return tl.where(c_live, val, float("-inf"))
 
 
 @triton.jit
@@ -161,66 +243,15 @@ def _guidance_write_kernel(
     out_row = out_ptr + row.to(tl.int64) * V
     if MIX_PER_ROW:
         mix = tl.load(mix_ptr + row)
-    # Everything below is relative to the row maxima (c_ref, u_ref): c' = c - c_ref, u' = u - u_ref.
-    # Row constants: u-live tokens get h' - live_const, tokens masked only in uncond get
-    # c' - masked_const (their guided log-prob is their conditional one).
-    c_ref = 0.0
-    u_ref = 0.0
-    live_const = 0.0
-    masked_const = 0.0
-    lse_c = 0.0
-    if MODE != _RAW:
-        stats_row = stats_ptr + row * n_splits * _STATS
-        c_maxes, c_sums = _split_stats(stats_row, 0, 1, n_splits, MAX_SPLITS)
-        u_maxes, u_sums = _split_stats(stats_row, 2, 3, n_splits, MAX_SPLITS)
-        c_ref, lse_c = _merge(c_maxes, c_sums)
-        u_ref, lse_u = _merge(u_maxes, u_sums)
-        # (1 - γ) LSE(u') + γ LSE(c'): the normalized-CFG row constant.
-        z = lse_c + (1.0 - gamma) * (lse_u - lse_c)
-        live_const = z
-        masked_const = lse_c
-        if MODE == _INTERPOLATED:
-            h_maxes, h_sums = _split_stats(stats_row, 4, 5, n_splits, MAX_SPLITS)
-            # Each split's h' is relative to its own maxima: move it onto the row's.
-            c_move = _finite_or_zero(c_maxes) - c_ref
-            h_maxes = h_maxes + (c_move + (1.0 - gamma) * ((_finite_or_zero(u_maxes) - u_ref) - c_move))
-            h_top, h_logsum = _merge(h_maxes, h_sums)
-            lse_h = h_top + h_logsum
-            _, m_sums = _split_stats(stats_row, 0, 6, n_splits, MAX_SPLITS)
-            _, lse_m = _merge(c_maxes, m_sums)
-            # LSE of the normalized CFG scores g; guarded so an empty set contributes -inf, not NaN.
-            live_mass = tl.where(lse_h == float("-inf"), float("-inf"), lse_h - z)
-            masked_mass = tl.where(lse_m == float("-inf"), float("-inf"), lse_m - lse_c)
-            lse_g = _logaddexp(live_mass, masked_mass)
-            # Equals lse_h exactly when nothing is masked only in uncond (so γ = 1 returns cl bit
-            # for bit, whatever the mix).
-            live_const = tl.where(masked_mass == float("-inf"), lse_h, z + lse_g)
-            masked_const = lse_c + lse_g
-            # LSE(u) cancels above, so NaN or +inf in uncond (lse_u is then NaN) must be passed on.
-            live_const = tl.where(lse_u != lse_u, lse_u, live_const)
-            masked_const = tl.where(lse_u != lse_u, lse_u, masked_const)
+    c_ref, u_ref, lse_c, live_const, masked_const = _row_constants(
+        stats_ptr + row * n_splits * _STATS, n_splits, gamma, _STATS, MODE, MAX_SPLITS)
     lanes = tl.arange(0, BLOCK)
     start = split * split_len
     end = tl.minimum(start + split_len, V)
     for offset in range(start, end, BLOCK):
         idx = offset + lanes
         c, u, inside = _load_tile(c_row, u_row, idx, end)
-        u_live = u != float("-inf")
-        c_live = c != float("-inf")  # before the shift: a +inf maximum turns finite c' into -inf
-        c = c - c_ref
-        u = u - u_ref
-        h = c + (1.0 - gamma) * (u - c)
-        if MODE == _RAW:
-            # No row statistic carries +inf into NaN here, so flag it token by token.
-            poisoned = (c == float("inf")) | (u == float("inf"))
-            val = tl.where(poisoned, float("nan"), tl.where(u_live, h, c))
-        elif MODE == _NORMALIZED:
-            val = tl.where(u_live, h - live_const, c - masked_const)
-        else:
-            cl = c - lse_c
-            gl = tl.where(u_live, h - live_const, c - masked_const)
-            val = cl + mix * (gl - cl)
-        val = tl.where(c_live, val, float("-inf"))
+        val = _guided(c, u, gamma, mix, c_ref, u_ref, lse_c, live_const, masked_const, MODE)
         tl.store(out_row + idx, val.to(out_ptr.dtype.element_ty), mask=inside)
 
 

@@ -1,0 +1,195 @@
+"""Guided log-probability of one target token per row, in one read of both branches.
+
+A statistics pass reads `cond` and `uncond` once, as the guidance statistics pass does, and also
+keeps each split's best token for the guided argmax. A finish pass per row merges the splits in
+split order, evaluates the guided score of the target (two scalar loads) exactly as the guidance
+write pass would, and writes `O(1)` per row: nothing of size `[N, V]` is ever written.
+
+The argmax ranks tokens within two groups by keys that differ from their guided scores by one row
+constant per group:
+    live tokens (finite in both branches)   c + κ (u − c),  κ = (1 − γ), or α (1 − γ) interpolated
+    tokens masked only in uncond            c
+The two group winners are then scored with the guidance formula and compared (ties to the lower
+index). Rows holding NaN or +inf are counted so that the finish pass can report "not greedy".
+
+Statistics per (row, split), TOKEN_STATS floats: the guidance statistics in slots 0-6 (same layout),
+then the count of NaN/+inf inputs, the live winner's key and index, the masked winner's key and
+index (indices stored as int32 bit patterns).
+"""
+import triton
+import triton.language as tl
+
+from cfg_triton.modes import INTERPOLATED, NORMALIZED, RAW
+
+from .guidance import (BLOCK, MAX_SPLITS, NUM_WARPS, _empty_stats, _fold_tile, _guided, _load_tile,
+                       _row_constants, _row_start, _run, _store_stats)
+
+_INTERPOLATED = tl.constexpr(INTERPOLATED)
+TOKEN_STATS = 12
+_TOKEN_STATS = tl.constexpr(TOKEN_STATS)
+_NO_INDEX = tl.constexpr(2**31 - 1)
+
+
+@triton.jit
+def _fold_best(key, idx, best, best_idx):
+    """Folds a tile's largest key into (best, best_idx). Tiles come in index order and only a
+    strictly larger key wins, so ties keep the lowest index."""
+    top = tl.max(key, axis=0)
+    top_idx = tl.min(tl.where(key == top, idx, _NO_INDEX), axis=0)
+    better = top > best
+    return tl.where(better, top, best), tl.where(better, top_idx, best_idx)
+
+
+@triton.jit
+def _token_stats_kernel(
+    c_ptr, u_ptr, stats_ptr, gamma, gamma_ptr, mix, mix_ptr, V, stride_c, stride_u, split_len,
+    MODE: tl.constexpr, GAMMA_PER_ROW: tl.constexpr, MIX_PER_ROW: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row, c_row, u_row, gamma = _row_start(c_ptr, u_ptr, stride_c, stride_u, gamma, gamma_ptr,
+                                          GAMMA_PER_ROW)
+    split = tl.program_id(1)
+    kappa = 1.0 - gamma
+    if MODE == _INTERPOLATED:
+        if MIX_PER_ROW:
+            mix = tl.load(mix_ptr + row)
+        kappa = mix * kappa
+    lanes = tl.arange(0, BLOCK)
+    c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum = _empty_stats(BLOCK)
+    live_best = float("-inf")
+    live_idx = _NO_INDEX
+    masked_best = float("-inf")
+    masked_idx = _NO_INDEX
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    start = split * split_len
+    end = tl.minimum(start + split_len, V)
+    for offset in range(start, end, BLOCK):
+        idx = offset + lanes
+        c, u, inside = _load_tile(c_row, u_row, idx, end)
+        c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum = _fold_tile(
+            c, u, gamma, c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum, MODE)
+        c_live = c != float("-inf")
+        u_live = u != float("-inf")
+        live_key = tl.where(c_live & u_live, c + kappa * (u - c), float("-inf"))
+        live_best, live_idx = _fold_best(live_key, idx, live_best, live_idx)
+        masked_key = tl.where(c_live & (u == float("-inf")), c, float("-inf"))
+        masked_best, masked_idx = _fold_best(masked_key, idx, masked_best, masked_idx)
+        bad += ((c != c) | (u != u) | (c == float("inf")) | (u == float("inf"))).to(tl.int32)
+    out = stats_ptr + (row * tl.num_programs(1) + split) * _TOKEN_STATS
+    _store_stats(out, c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum)
+    tl.store(out + 7, tl.sum(bad, axis=0).to(tl.float32))
+    tl.store(out + 8, live_best)
+    tl.store(out + 9, live_idx.to(tl.float32, bitcast=True))
+    tl.store(out + 10, masked_best)
+    tl.store(out + 11, masked_idx.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _split_best(stats_row, key_slot: tl.constexpr, n_splits, MAX_SPLITS: tl.constexpr):
+    """The row's best (key, index) of one group, from its splits in order (ties: lowest index)."""
+    j = tl.arange(0, MAX_SPLITS)
+    live = j < n_splits
+    keys = tl.load(stats_row + j * _TOKEN_STATS + key_slot, mask=live, other=float("-inf"))
+    idx = tl.load(stats_row + j * _TOKEN_STATS + key_slot + 1, mask=live, other=0.0)
+    idx = tl.where(live, idx.to(tl.int32, bitcast=True), _NO_INDEX)
+    top = tl.max(keys, axis=0)
+    return tl.min(tl.where(keys == top, idx, _NO_INDEX), axis=0)
+
+
+@triton.jit
+def _score_at(c_row, u_row, i, gamma, mix, c_ref, u_ref, lse_c, live_const, masked_const,
+              MODE: tl.constexpr):
+    """The guided score of token `i` (a valid index)."""
+    c = tl.load(c_row + i).to(tl.float32)
+    u = tl.load(u_row + i).to(tl.float32)
+    return _guided(c, u, gamma, mix, c_ref, u_ref, lse_c, live_const, masked_const, MODE)
+
+
+@triton.jit
+def _token_finish_kernel(
+    c_ptr, u_ptr, targets_ptr, logprobs_ptr, greedy_ptr, stats_ptr, gamma, gamma_ptr, mix, mix_ptr,
+    V, stride_c, stride_u, n_splits,
+    MODE: tl.constexpr, GAMMA_PER_ROW: tl.constexpr, MIX_PER_ROW: tl.constexpr,
+    MAX_SPLITS: tl.constexpr,
+):
+    row, c_row, u_row, gamma = _row_start(c_ptr, u_ptr, stride_c, stride_u, gamma, gamma_ptr,
+                                          GAMMA_PER_ROW)
+    if MIX_PER_ROW:
+        mix = tl.load(mix_ptr + row)
+    stats_row = stats_ptr + row * n_splits * _TOKEN_STATS
+    c_ref, u_ref, lse_c, live_const, masked_const = _row_constants(
+        stats_row, n_splits, gamma, _TOKEN_STATS, MODE, MAX_SPLITS)
+    target = tl.load(targets_ptr + row)
+    valid = (target >= 0) & (target < V)
+    target = tl.where(valid, target, 0)
+    score = _score_at(c_row, u_row, target, gamma, mix, c_ref, u_ref, lse_c, live_const,
+                      masked_const, MODE)
+    tl.store(logprobs_ptr + row, tl.where(valid, score, float("nan")))
+    # Argmax: each group's winner, scored as the guidance output would hold it.
+    live_idx = _split_best(stats_row, 8, n_splits, MAX_SPLITS)
+    masked_idx = _split_best(stats_row, 10, n_splits, MAX_SPLITS)
+    live_score = _score_at(c_row, u_row, tl.where(live_idx == _NO_INDEX, 0, live_idx), gamma, mix,
+                           c_ref, u_ref, lse_c, live_const, masked_const, MODE)
+    masked_score = _score_at(c_row, u_row, tl.where(masked_idx == _NO_INDEX, 0, masked_idx), gamma,
+                             mix, c_ref, u_ref, lse_c, live_const, masked_const, MODE)
+    live_score = tl.where(live_idx == _NO_INDEX, float("-inf"), live_score)
+    masked_score = tl.where(masked_idx == _NO_INDEX, float("-inf"), masked_score)
+    masked_wins = (masked_score > live_score) | ((masked_score == live_score) & (masked_idx < live_idx))
+    best = tl.where(masked_wins, masked_idx, live_idx)
+    best = tl.where(best == _NO_INDEX, 0, best)  # nothing finite: the argmax of all -inf is 0
+    j = tl.arange(0, MAX_SPLITS)
+    bad = tl.sum(tl.load(stats_row + j * _TOKEN_STATS + 7, mask=j < n_splits, other=0.0), axis=0)
+    greedy = valid & (bad == 0) & (best == target)
+    tl.store(greedy_ptr + row, greedy.to(tl.int8))
+
+
+def launch(cond, uncond, targets, logprobs, greedy, stats, mode, gamma, gamma_rows, mix, mix_rows,
+           n_splits, split_len, key=None):
+    """Runs both passes on `[N, V]` row-strided `cond`/`uncond` and int64 `targets` `[N]`, writing
+    fp32 `logprobs` `[N]` and int8 `greedy` `[N]`.
+
+    `stats` is fp32 scratch of at least `N * n_splits * TOKEN_STATS` floats. `gamma`, `mix`,
+    `gamma_rows`, `mix_rows` and `key` are as in `guidance.launch`; `mix` is ignored unless `mode` is
+    interpolated.
+    """
+    batch, vocab = cond.shape
+    gamma_per_row = gamma_rows is not None
+    mix_per_row = mix_rows is not None and mode == INTERPOLATED
+    mix_rows = mix_rows if mix_per_row else None
+    _run(_token_stats_kernel, (batch, n_splits), key and ("token-stats",) + key,
+         (cond, uncond, stats, gamma, gamma_rows, mix, mix_rows, vocab, cond.stride(0),
+          uncond.stride(0), split_len),
+         dict(MODE=mode, GAMMA_PER_ROW=gamma_per_row, MIX_PER_ROW=mix_per_row, BLOCK=BLOCK))
+    _run(_token_finish_kernel, (batch,), key and ("token-finish",) + key,
+         (cond, uncond, targets, logprobs, greedy, stats, gamma, gamma_rows, mix, mix_rows, vocab,
+          cond.stride(0), uncond.stride(0), n_splits),
+         dict(MODE=mode, GAMMA_PER_ROW=gamma_per_row, MIX_PER_ROW=mix_per_row,
+              MAX_SPLITS=MAX_SPLITS))
+
+
+def specializations():
+    """Every (kernel, signature, constexprs, num_warps) that `launch` can produce, for AOT checks
+    (see `guidance.specializations`)."""
+    for in_t in ("*fp32", "*fp16", "*bf16"):
+        for mode in (RAW, NORMALIZED, INTERPOLATED):
+            for gamma_rows in (False, True):
+                for mix_rows in ((False, True) if mode == INTERPOLATED else (False,)):
+                    rows = {"gamma_ptr": "*fp32" if gamma_rows else "constexpr",
+                            "mix": "fp32", "mix_ptr": "*fp32" if mix_rows else "constexpr"}
+                    flags = {"MODE": mode, "GAMMA_PER_ROW": gamma_rows, "MIX_PER_ROW": mix_rows}
+                    if not gamma_rows:
+                        flags["gamma_ptr"] = None
+                    if not mix_rows:
+                        flags["mix_ptr"] = None
+                    sig = {"c_ptr": in_t, "u_ptr": in_t, "stats_ptr": "*fp32", "gamma": "fp32",
+                           **rows, "V": "i32", "stride_c": "i32", "stride_u": "i32",
+                           "split_len": "i32", "MODE": "constexpr", "GAMMA_PER_ROW": "constexpr",
+                           "MIX_PER_ROW": "constexpr", "BLOCK": "constexpr"}
+                    yield _token_stats_kernel, sig, {**flags, "BLOCK": BLOCK}, NUM_WARPS
+                    sig = {"c_ptr": in_t, "u_ptr": in_t, "targets_ptr": "*i64",
+                           "logprobs_ptr": "*fp32", "greedy_ptr": "*i8", "stats_ptr": "*fp32",
+                           "gamma": "fp32", **rows, "V": "i32", "stride_c": "i32",
+                           "stride_u": "i32", "n_splits": "i32", "MODE": "constexpr",
+                           "GAMMA_PER_ROW": "constexpr", "MIX_PER_ROW": "constexpr",
+                           "MAX_SPLITS": "constexpr"}
+                    yield _token_finish_kernel, sig, {**flags, "MAX_SPLITS": MAX_SPLITS}, NUM_WARPS
