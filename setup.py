@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["cfg_triton", "cfg_triton.kernels"],
+    package_data={"cfg_triton": ["eval_tasks/*.jsonl"]},
     package_dir={"cfg_triton": "cfg_triton", "cfg_triton.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
@@ -21,6 +22,8 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark"],
         "bench": ["pytest-benchmark", "matplotlib"],
+        # lm-evaluation-harness, for `cfg-triton eval` and the harness model `cfg`.
+        "eval": ["lm-eval>=0.4.9"],
     },
     entry_points={"console_scripts": ["cfg-triton=cfg_triton.cli:main"]},
 )

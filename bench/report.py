@@ -70,13 +70,14 @@ def _spread(stats, per=1.0):
 
 
 def summarize(raw: dict, copy_gbps: float | None) -> dict:
-    """pytest-benchmark JSON -> {machine, copy_gbps, guidance, generation, host, load}.
+    """pytest-benchmark JSON -> {machine, copy_gbps, guidance, generation, host, load, scoring,
+    memory}.
 
     Every time keeps its interquartile range and round count beside its median.
     """
     machine = raw["machine_info"]["cfg_triton"]
     cells = defaultdict(dict)
-    generation, host, load = [], [], []
+    generation, host, load, scoring, memory = [], [], [], [], []
     for bench in raw["benchmarks"]:
         info, stats = bench["extra_info"], bench["stats"]
         if "new_tokens" in info:
@@ -87,6 +88,17 @@ def summarize(raw: dict, copy_gbps: float | None) -> dict:
             median, iqr, rounds = _spread(stats, info["calls_per_round"] / 1e6)
             host.append({k: info[k] for k in ("host", "semantics", "dtype", "batch", "vocab")}
                         | {"us_per_call": median, "iqr_us": iqr, "rounds": rounds})
+        elif "scoring" in info:
+            median, iqr, rounds = _spread(stats, info["examples"] / 1e3)
+            scoring.append({"impl": info["scoring"], "examples": info["examples"],
+                            "guidance_scale": info["guidance_scale"], "ms_per_example": median,
+                            "iqr_ms": iqr, "rounds": rounds})
+        elif "memory" in info:
+            median, iqr, rounds = _spread(stats, 1e-3)
+            memory.append({"impl": info["memory"], "shape": info["shape"], "device": info["device"],
+                           "peak_extra_bytes": info["peak_extra_bytes"],
+                           "logits_bytes": info["logits_bytes"], "ms": median, "iqr_ms": iqr,
+                           "rounds": rounds})
         elif "load" in info:
             median, iqr, rounds = _spread(stats)
             load.append({"model": info["load"], "seconds": median, "iqr_s": iqr, "rounds": rounds})
@@ -115,7 +127,8 @@ def summarize(raw: dict, copy_gbps: float | None) -> dict:
             point["compile_s"] = c["compile_s"]
         guidance.append(point)
     return {"machine": machine, "copy_gbps": copy_gbps, "guidance": guidance,
-            "generation": generation, "host": host, "load": load}
+            "generation": generation, "host": host, "load": load, "scoring": scoring,
+            "memory": memory}
 
 
 def _pm(value, spread, fmt="{:,.0f}"):
@@ -211,6 +224,35 @@ def host_table(results) -> str:
     return "\n".join(rows)
 
 
+def scoring_table(results) -> str:
+    scoring, memory = results.get("scoring") or [], results.get("memory") or []
+    rows = []
+    if scoring:
+        by = {s["impl"]: s for s in scoring}
+        rows += [f"Scoring the first {scoring[0]['examples']} LAMBADA examples with `cfg_triton.score` "
+                 f"on the bundled SmolLM2 on **{_label(results)}** (bench/test_scoring_bench.py); "
+                 "ms per example, median ± interquartile range.", "",
+                 "| scoring | γ | ms per example |", "|---|---:|---:|"]
+        for s in sorted(scoring, key=lambda s: s["guidance_scale"]):
+            rows.append(f"| {s['impl']} | {s['guidance_scale']:g} | "
+                        f"{_pm(s['ms_per_example'], s['iqr_ms'], '{:.1f}')} |")
+        if {"guided", "unguided"} <= by.keys():
+            rows += ["", f"CFG costs **{by['guided']['ms_per_example'] / by['unguided']['ms_per_example']:.2f}x** "
+                         "unguided scoring per example (same run)."]
+    if memory:
+        m0 = memory[0]
+        shape = " × ".join(f"{n:,}" for n in m0["shape"])
+        rows += ["" if rows else None, f"Peak memory added by reducing `[{shape}]` fp32 logits of both "
+                 f"branches ({m0['logits_bytes'] / 2**20:,.0f} MiB each) to per-token guided "
+                 f"log-probabilities, on {m0['device']}:", "",
+                 "| op | peak added (MiB) | of one logits tensor | ms per call |", "|---|---:|---:|---:|"]
+        for m in memory:
+            rows.append(f"| {m['impl']} | {m['peak_extra_bytes'] / 2**20:,.1f} | "
+                        f"{100 * m['peak_extra_bytes'] / m['logits_bytes']:.1f}% | "
+                        f"{_pm(m['ms'], m['iqr_ms'], '{:,.1f}')} |")
+    return "\n".join(r for r in rows if r is not None)
+
+
 def plot(results, path: Path) -> None:
     import matplotlib
 
@@ -250,7 +292,7 @@ def update_readme(results, png: Path, readme: Path) -> None:
     tag = machine_tag(results["machine"])
     picture = f"![{tag}]({os.path.relpath(png, readme.parent)})"
     block = "\n\n".join(x for x in (guidance_table(results), picture, generation_table(results),
-                                     host_table(results)) if x)
+                                     host_table(results), scoring_table(results)) if x)
     text = readme.read_text()
     start, end = f"<!-- bench:{results['machine']['device']}:start -->", \
         f"<!-- bench:{results['machine']['device']}:end -->"

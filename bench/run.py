@@ -2,6 +2,7 @@
 
     python bench/run.py                       # guidance grid + generation, results in bench/results/
     python bench/run.py --only guidance       # just the op grid
+    python bench/run.py --only scoring --merge  # LAMBADA scoring and its memory; keep the rest
     python bench/run.py --merge               # keep this machine's earlier sections not rerun
 
 The op grid runs on the GPU when torch sees one, else on the CPU (trimmed; see
@@ -24,7 +25,7 @@ sys.path.insert(0, str(HERE))
 import report  # noqa: E402
 
 FILES = {"guidance": "test_guidance_bench.py", "generation": "test_generation_bench.py",
-         "host": "test_host_bench.py"}
+         "host": "test_host_bench.py", "scoring": "test_scoring_bench.py"}
 
 
 def copy_bandwidth(device: str, small: bool = False) -> float:
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
     previous = args.out / f"{report.machine_tag(results['machine'])}.json"
     if args.merge and previous.exists():
         old = json.loads(previous.read_text())
-        for section in ("guidance", "generation", "host", "load"):
+        for section in ("guidance", "generation", "host", "load", "scoring", "memory"):
             if not results[section]:
                 results[section] = old.get(section, [])
     path = report.publish(results, args.out, args.readme)

@@ -1,8 +1,10 @@
 """Fused classifier-free guidance for language-model generation."""
 from . import reference
+from .logprobs import token_logprobs
 from .ops import guidance, triton_available, uses_triton
 from .processors import CFGLogitsProcessor, UnbatchedCFGLogitsProcessor
 from .sampler import generate
+from .scoring import score
 from .transformers import patch_transformers
 
 __all__ = [
@@ -12,6 +14,8 @@ __all__ = [
     "guidance",
     "patch_transformers",
     "reference",
+    "score",
+    "token_logprobs",
     "triton_available",
     "uses_triton",
 ]

@@ -39,10 +39,11 @@ def compile_all(archs=(80, 90)):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .kernels import guidance
+    from .kernels import guidance, token_logprobs
 
     rows = []
-    for kernel, signature, constexprs, num_warps in guidance.specializations():
+    specs = [*guidance.specializations(), *token_logprobs.specializations()]
+    for kernel, signature, constexprs, num_warps in specs:
         for aligned in (True, False):
             # The JIT marks pointers and ints divisible by 16; compile both that and the unaligned case.
             attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values())
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
         for r in rows:
             spec = " ".join(f"{k}={v}" for k, v in r["constexprs"].items()
                             if k not in ("BLOCK", "MAX_SPLITS"))
-            print(f"{r['kernel']:24} {r['arch']} {'aligned' if r['aligned'] else 'unaligned':9} "
+            print(f"{r['kernel']:28} {r['arch']} {'aligned' if r['aligned'] else 'unaligned':9} "
                   f"{r['dtypes']['c_ptr']:6} {r['dtypes'].get('out_ptr', '-'):6} {spec:45} "
                   f"regs={r['registers']:3} spill={r['local'] + r['stack']} smem={r['shared']}")
     return 1 if any(r["local"] or r["stack"] for r in rows) else 0

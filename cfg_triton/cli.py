@@ -1,4 +1,5 @@
-"""The `cfg-triton` command: guided generation on a bundled or local model, streamed to the terminal."""
+"""The `cfg-triton` command: guided generation on a bundled or local model, streamed to the terminal,
+and guided evaluation through lm-evaluation-harness (`cfg-triton eval`)."""
 from __future__ import annotations
 
 import argparse
@@ -61,6 +62,28 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     gen.add_argument("--compare", action="store_true", help="also print the unguided continuation")
+
+    ev = sub.add_parser("eval", help="zero-shot evaluation with CFG through lm-evaluation-harness",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ev.add_argument("--tasks", nargs="+", type=_text, default=["lambada_local"],
+                    help="harness task names; local ones: lambada_local (needs --lambada), facts_mc")
+    ev.add_argument("--lambada", metavar="PATH", help="lambada_test.jsonl for lambada_local")
+    ev.add_argument("--guidance-scale", type=_number(-1e6, 1e6), nargs="+", default=[1.0, 1.5],
+                    help="one harness run per value (1 is the unguided baseline)")
+    ev.add_argument("--mix", type=_number(0, 1), default=None)
+    ev.add_argument("--raw", action="store_true",
+                    help="score the unnormalized combination of logits (the paper's scoring)")
+    ev.add_argument("--negative-prompt", default=None,
+                    help="unconditional context text (default: each context's last token)")
+    ev.add_argument("--model", default="smollm2",
+                    help="smollm2 | gemma3 (bundled), a model folder or a Hugging Face id")
+    ev.add_argument("--limit", type=_number(1, 1e12, kind=int), default=None,
+                    help="first N examples of each task")
+    ev.add_argument("--batch-size", type=_number(1, 1e6, kind=int), default=16)
+    ev.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ev.add_argument("--include-path", metavar="DIR", help="a folder of extra task YAML files")
+    ev.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ev.add_argument("--markdown", metavar="FILE", help="also write the results table as markdown")
     return parser
 
 
@@ -82,6 +105,41 @@ def _warn(message):
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "eval":
+        return _eval(args, parser)
+    return _generate(args, parser)
+
+
+def _eval(args, parser) -> int:
+    import json
+
+    if "lambada_local" in args.tasks and args.lambada is None:
+        parser.error("argument --lambada: task lambada_local needs the path of lambada_test.jsonl")
+    try:
+        from . import evaluation
+        import lm_eval  # noqa: F401
+    except ImportError:
+        parser.error("cfg-triton eval needs lm-evaluation-harness: pip install -e .[eval]")
+    try:
+        report = evaluation.run(args.model, args.tasks, args.guidance_scale, mix=args.mix,
+                                normalize=not args.raw, negative_prompt=args.negative_prompt,
+                                limit=args.limit, batch_size=args.batch_size,
+                                lambada_path=args.lambada, include_path=args.include_path,
+                                device=args.device, log=lambda m: print(m, file=sys.stderr))
+    except FileNotFoundError as e:
+        parser.error(str(e).splitlines()[0])
+    table = evaluation.markdown(report)
+    print(table, end="")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(table)
+    return 0
+
+
+def _generate(args, parser) -> int:
     ignored = [f"--{k.replace('_', '-')}" for k in ("temperature", "top_k", "top_p")
                if getattr(args, k) is not None]
     if ignored and not args.sample:

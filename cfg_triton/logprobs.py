@@ -30,8 +30,8 @@ class TokenLogprobs(NamedTuple):
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
-    # [B, T, V] -> [B*T, V]: a view when the rows are evenly spaced (a contiguous tensor, or a
-    # slice along T of one), else a copy.
+    # [B, T, V] -> [B*T, V]: a view when the rows are evenly spaced (a contiguous tensor, such as a
+    # model's `logits_to_keep` output), else a copy.
     return x.flatten(0, -2) if x.dim() == 3 else x
 
 
@@ -59,7 +59,7 @@ def token_logprobs(cond: torch.Tensor, uncond: torch.Tensor, targets: torch.Tens
     Args:
         cond, uncond: `[N, V]` or `[B, T, V]` logits of the two branches, as for `guidance` (fp16,
             bf16, fp32 or fp64, one device). `[B, T, V]` is flattened without a copy where its
-            strides allow (a contiguous tensor, or a slice of one along T).
+            rows are evenly spaced (a contiguous tensor); other layouts are copied.
         targets: integer token ids shaped like the logits without `V` (`[N]` or `[B, T]`).
         guidance_scale, mix, normalize: as for `guidance`; `[B]`-tensor values are per row of the
             flattened `[N, V]` logits.

@@ -8,6 +8,7 @@ import pytest
 
 import cfg_triton
 from cfg_triton.kernels import guidance as kernels
+from cfg_triton.kernels import token_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +27,11 @@ def test_every_specialization_compiles_for_sm80_and_sm90(compiled):
     rows, _ = compiled
     n = len(list(kernels.specializations()))
     assert n == 3 * (2 * 2 + 4 * (2 + 2 + 4))  # in dtypes x (stats + out dtypes x write variants)
+    # token_logprobs: in dtypes x (raw, normalized: per-row γ or not; interpolated: x per-row α)
+    # x (stats, finish)
+    n_tokens = len(list(token_logprobs.specializations()))
+    assert n_tokens == 3 * (2 + 2 + 4) * 2
+    n += n_tokens
     for arch in ("sm_80", "sm_90"):
         assert sum(r["arch"] == arch for r in rows) == 2 * n  # aligned and unaligned
 

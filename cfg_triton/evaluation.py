@@ -1,0 +1,95 @@
+"""`cfg-triton eval`: lm-evaluation-harness runs of one model at several guidance scales, as a table."""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+# What the results table shows per task; the JSON keeps every metric the harness reports.
+_HEADLINE = {"lambada_local": "acc", "lambada_openai": "acc", "lambada_standard": "acc",
+             "hellaswag": "acc_norm", "arc_challenge": "acc_norm", "arc_easy": "acc_norm",
+             "piqa": "acc_norm", "sciq": "acc_norm", "triviaqa": "exact_match"}
+
+
+def _metrics(task_result: dict) -> dict:
+    """The harness's `{"acc,none": 0.3, "acc_stderr,none": ...}` as `{"acc": 0.3}` (numbers only)."""
+    out = {}
+    for key, value in task_result.items():
+        name, _, _ = key.partition(",")
+        if "," in key and not name.endswith("_stderr") and isinstance(value, (int, float)):
+            out[name] = value
+    return out
+
+
+def run(model: str, tasks: list[str], guidance_scales: list[float], *, mix=None, normalize=True,
+        negative_prompt=None, limit=None, batch_size=16, lambada_path=None, include_path=None,
+        device=None, log=print) -> dict:
+    """Evaluates `model` on `tasks` once per guidance scale through the harness; returns a dict
+    with the settings and `results`: one `{task, guidance_scale, metrics, samples, seconds}` each.
+
+    Local tasks (`lambada_local` from `lambada_path`, `facts_mc`) are written to a temporary task
+    folder; other names resolve through the harness's own task registry (and `include_path`).
+    When every task is local, the Hugging Face hub and datasets libraries are put offline first.
+    """
+    from .harness import LOCAL_TASKS, sha256, write_local_tasks
+
+    if "lambada_local" in tasks and lambada_path is None:
+        raise ValueError("task lambada_local needs the path of lambada_test.jsonl (--lambada)")
+    if all(t in LOCAL_TASKS for t in tasks):
+        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            os.environ.setdefault(var, "1")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from .harness import CFGLM
+
+    with tempfile.TemporaryDirectory(prefix="cfg-triton-tasks-") as folder:
+        write_local_tasks(folder, lambada_path if "lambada_local" in tasks else None)
+        paths = [folder] + ([str(include_path)] if include_path else [])
+        manager = TaskManager(include_path=paths)
+        lm = CFGLM(pretrained=model, guidance_scale=guidance_scales[0], mix=mix, normalize=normalize,
+                   negative_prompt=negative_prompt, device=device, batch_size=batch_size)
+        rows = []
+        for gamma in guidance_scales:
+            lm.guidance_scale = float(gamma)
+            log(f"[guidance scale {gamma:g}]")
+            started = time.perf_counter()
+            out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager,
+                                          limit=limit, bootstrap_iters=0, log_samples=False)
+            seconds = time.perf_counter() - started
+            for task in tasks:
+                rows.append({"task": task, "guidance_scale": float(gamma),
+                             "metrics": _metrics(out["results"][task]),
+                             "samples": out.get("n-samples", {}).get(task, {}).get("effective"),
+                             "seconds": round(seconds, 1)})
+    data = {}
+    if "lambada_local" in tasks:
+        # The file's name and checksum identify the data; its folder is this machine's business.
+        data["lambada_local"] = {"file": Path(lambada_path).name, "sha256": sha256(lambada_path)}
+    return {"model": model, "tasks": list(tasks), "guidance_scales": [float(g) for g in guidance_scales],
+            "mix": mix, "normalize": normalize, "negative_prompt": negative_prompt, "limit": limit,
+            "data": data, "results": rows}
+
+
+def markdown(report: dict) -> str:
+    """Accuracy (the task's headline metric, in %) per task and guidance scale."""
+    scales = report["guidance_scales"]
+    lines = [f"Model: {report['model']}" + (f", mix {report['mix']:g}" if report["mix"] is not None else "")
+             + (f", first {report['limit']} examples per task" if report["limit"] else ""), ""]
+    for task, source in report["data"].items():
+        lines[0] += f"; {task} from {source['file']} (sha256 {source['sha256'][:12]}…)"
+    lines += ["| task | metric | " + " | ".join(f"γ = {g:g}" for g in scales) + " |",
+              "|---|---|" + "---:|" * len(scales)]
+    for task in report["tasks"]:
+        by_scale = {r["guidance_scale"]: r for r in report["results"] if r["task"] == task}
+        metrics = next(iter(by_scale.values()))["metrics"]
+        metric = _HEADLINE.get(task, "acc" if "acc" in metrics else next(iter(metrics), "?"))
+        cells = []
+        for g in scales:
+            value = by_scale.get(float(g), {}).get("metrics", {}).get(metric)
+            cells.append("—" if value is None else f"{100 * value:.1f}")
+        samples = next(iter(by_scale.values()))["samples"]
+        label = task + (f" ({samples})" if samples else "")
+        lines.append(f"| {label} | {metric} (%) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
