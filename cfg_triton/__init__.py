@@ -4,6 +4,7 @@ from .logprobs import token_logprobs
 from .ops import guidance, triton_available, uses_triton
 from .processors import CFGLogitsProcessor, UnbatchedCFGLogitsProcessor
 from .sampler import generate
+from .sampling import sample
 from .scoring import score
 from .transformers import patch_transformers
 
@@ -14,6 +15,7 @@ __all__ = [
     "guidance",
     "patch_transformers",
     "reference",
+    "sample",
     "score",
     "token_logprobs",
     "triton_available",

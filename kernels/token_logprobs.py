@@ -28,6 +28,9 @@ _INTERPOLATED = tl.constexpr(INTERPOLATED)
 TOKEN_STATS = 12
 _TOKEN_STATS = tl.constexpr(TOKEN_STATS)
 _NO_INDEX = tl.constexpr(2**31 - 1)
+# The statistics pass holds the guidance sums and the argmax bookkeeping: at 8 warps the
+# interpolated variant needs up to 147 registers a thread; 16 warps keep it within 128.
+STATS_WARPS = 16
 
 
 @triton.jit
@@ -60,7 +63,7 @@ def _token_stats_kernel(
     live_idx = _NO_INDEX
     masked_best = float("-inf")
     masked_idx = _NO_INDEX
-    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    bad = 0
     start = split * split_len
     end = tl.minimum(start + split_len, V)
     for offset in range(start, end, BLOCK):
@@ -74,10 +77,12 @@ def _token_stats_kernel(
         live_best, live_idx = _fold_best(live_key, idx, live_best, live_idx)
         masked_key = tl.where(c_live & (u == float("-inf")), c, float("-inf"))
         masked_best, masked_idx = _fold_best(masked_key, idx, masked_best, masked_idx)
-        bad += ((c != c) | (u != u) | (c == float("inf")) | (u == float("inf"))).to(tl.int32)
+        # Counted per tile, not per lane: a lane-wise counter would hold BLOCK / threads registers.
+        bad += tl.sum(((c != c) | (u != u) | (c == float("inf")) | (u == float("inf"))).to(tl.int32),
+                      axis=0)
     out = stats_ptr + (row * tl.num_programs(1) + split) * _TOKEN_STATS
     _store_stats(out, c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum)
-    tl.store(out + 7, tl.sum(bad, axis=0).to(tl.float32))
+    tl.store(out + 7, bad.to(tl.float32))
     tl.store(out + 8, live_best)
     tl.store(out + 9, live_idx.to(tl.float32, bitcast=True))
     tl.store(out + 10, masked_best)
@@ -85,12 +90,14 @@ def _token_stats_kernel(
 
 
 @triton.jit
-def _split_best(stats_row, key_slot: tl.constexpr, n_splits, MAX_SPLITS: tl.constexpr):
-    """The row's best (key, index) of one group, from its splits in order (ties: lowest index)."""
+def _split_best(stats_row, key_slot: tl.constexpr, n_splits, STRIDE: tl.constexpr,
+                MAX_SPLITS: tl.constexpr):
+    """The index of the row's best key in one group, from its splits in order (ties: lowest
+    index; none: _NO_INDEX); a split's key and index are at `key_slot` and `key_slot + 1`."""
     j = tl.arange(0, MAX_SPLITS)
     live = j < n_splits
-    keys = tl.load(stats_row + j * _TOKEN_STATS + key_slot, mask=live, other=float("-inf"))
-    idx = tl.load(stats_row + j * _TOKEN_STATS + key_slot + 1, mask=live, other=0.0)
+    keys = tl.load(stats_row + j * STRIDE + key_slot, mask=live, other=float("-inf"))
+    idx = tl.load(stats_row + j * STRIDE + key_slot + 1, mask=live, other=0.0)
     idx = tl.where(live, idx.to(tl.int32, bitcast=True), _NO_INDEX)
     top = tl.max(keys, axis=0)
     return tl.min(tl.where(keys == top, idx, _NO_INDEX), axis=0)
@@ -126,8 +133,8 @@ def _token_finish_kernel(
                       masked_const, MODE)
     tl.store(logprobs_ptr + row, tl.where(valid, score, float("nan")))
     # Argmax: each group's winner, scored as the guidance output would hold it.
-    live_idx = _split_best(stats_row, 8, n_splits, MAX_SPLITS)
-    masked_idx = _split_best(stats_row, 10, n_splits, MAX_SPLITS)
+    live_idx = _split_best(stats_row, 8, n_splits, _TOKEN_STATS, MAX_SPLITS)
+    masked_idx = _split_best(stats_row, 10, n_splits, _TOKEN_STATS, MAX_SPLITS)
     live_score = _score_at(c_row, u_row, tl.where(live_idx == _NO_INDEX, 0, live_idx), gamma, mix,
                            c_ref, u_ref, lse_c, live_const, masked_const, MODE)
     masked_score = _score_at(c_row, u_row, tl.where(masked_idx == _NO_INDEX, 0, masked_idx), gamma,
@@ -159,7 +166,8 @@ def launch(cond, uncond, targets, logprobs, greedy, stats, mode, gamma, gamma_ro
     _run(_token_stats_kernel, (batch, n_splits), key and ("token-stats",) + key,
          (cond, uncond, stats, gamma, gamma_rows, mix, mix_rows, vocab, cond.stride(0),
           uncond.stride(0), split_len),
-         dict(MODE=mode, GAMMA_PER_ROW=gamma_per_row, MIX_PER_ROW=mix_per_row, BLOCK=BLOCK))
+         dict(MODE=mode, GAMMA_PER_ROW=gamma_per_row, MIX_PER_ROW=mix_per_row, BLOCK=BLOCK),
+         num_warps=STATS_WARPS)
     _run(_token_finish_kernel, (batch,), key and ("token-finish",) + key,
          (cond, uncond, targets, logprobs, greedy, stats, gamma, gamma_rows, mix, mix_rows, vocab,
           cond.stride(0), uncond.stride(0), n_splits),
@@ -185,7 +193,7 @@ def specializations():
                            **rows, "V": "i32", "stride_c": "i32", "stride_u": "i32",
                            "split_len": "i32", "MODE": "constexpr", "GAMMA_PER_ROW": "constexpr",
                            "MIX_PER_ROW": "constexpr", "BLOCK": "constexpr"}
-                    yield _token_stats_kernel, sig, {**flags, "BLOCK": BLOCK}, NUM_WARPS
+                    yield _token_stats_kernel, sig, {**flags, "BLOCK": BLOCK}, STATS_WARPS
                     sig = {"c_ptr": in_t, "u_ptr": in_t, "targets_ptr": "*i64",
                            "logprobs_ptr": "*fp32", "greedy_ptr": "*i8", "stats_ptr": "*fp32",
                            "gamma": "fp32", **rows, "V": "i32", "stride_c": "i32",

@@ -1,0 +1,211 @@
+"""`cfg_triton.sample`: the next token drawn from both branches' logits, guided and warped.
+
+The drawn token is `argmax over kept tokens of (s_i / T + g_i)` (Gumbel-max, an exact draw from
+`softmax(s / T)` restricted to the kept tokens), where `s` are the guided scores of `guidance`, `T`
+the temperature and `g` the counter-based noise of `cfg_triton.rng`, keyed by (seed, row, step,
+token). Both paths below compute that same function, so they agree token for token up to float32
+rounding of near ties.
+"""
+from __future__ import annotations
+
+import contextlib
+import numbers
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import rng, torch_impl
+from .modes import INTERPOLATED, NORMALIZED, RAW
+from .ops import _aligned, _check_logits, _num_sms, _per_row, _stats_scratch, uses_triton
+
+try:
+    from .kernels import guidance as _guidance_kernels
+    from .kernels import sampling as _kernels
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    _kernels = None
+
+
+class Sample(NamedTuple):
+    """`tokens`: int64 `[B]`; `logprobs`: float32 `[B]` (float64 for float64 logits)."""
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+
+
+def _integers(name, value, like, *, low):
+    """An int or an integer `[B]` tensor -> int64 `[B]` tensor on like's device (values >= low are
+    checked on the CPU only)."""
+    batch = like.shape[0]
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.Tensor)):
+        raise TypeError(f"{name} must be an integer or an integer [B] tensor, got {type(value).__name__}")
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_floating_point or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must hold integers, got {value.dtype}")
+        if value.device != like.device:
+            raise ValueError(f"{name} is on {value.device} but the logits are on {like.device}")
+        if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
+            raise ValueError(f"{name} must be an integer or a [B] tensor with B = {batch}, got shape "
+                             f"{tuple(value.shape)}")
+        rows = value.to(torch.int64).expand(batch)
+    else:
+        rows = torch.full((batch,), int(value), dtype=torch.int64, device=like.device)
+    if low is not None and rows.device.type == "cpu" and batch and bool((rows < low).any()):
+        raise ValueError(f"{name} must be >= {low}")
+    return rows
+
+
+def _filter_value(name, value, like, low, high, *, low_open=False):
+    """A float or `[B]` tensor in [low, high] ((low, high] with low_open) -> (float, rows)."""
+    scalar, rows = _per_row(name, value, like, unit_interval=False)
+    values = [scalar] if rows is None else (rows.tolist() if rows.device.type == "cpu" else [])
+    for v in values:
+        if v > high or v < low or (low_open and v == low):
+            raise ValueError(f"{name} must be in {'(' if low_open else '['}{low:g}, {high:g}], got {v:g}")
+    return scalar, rows
+
+
+def sample(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale, *, mix=None,
+           normalize: bool = True, temperature=1.0, top_k=None, top_p=None, min_p=None, seed=0,
+           step=0, return_logprobs: bool = False):
+    """Draws one token per row from the guided distribution of `[B, V]` `cond`/`uncond` logits.
+
+    The guided scores `s` are `guidance(cond, uncond, guidance_scale, mix=mix, normalize=normalize)`;
+    then, in transformers' order, temperature, top-k, top-p and min-p (`None` turns a filter off,
+    as do `top_k=0`, `top_p=1` and `min_p=0`), and a draw from what remains. `temperature=0` is
+    greedy: the argmax of `s`, ties to the lowest index. Every parameter may be a number or a `[B]`
+    tensor (one request per row); `seed` and `step` are integers or int64 `[B]` tensors, and the
+    draw is a pure function of (seed, row, step, token), so the same arguments give the same token
+    on every device and path, and a step never reads a value back to the host.
+
+    Returns int64 token ids `[B]`, or `Sample(tokens, logprobs)` with `return_logprobs`: the
+    chosen token's log-probability under the distribution it was drawn from (log-softmax of
+    `s / T` over the kept tokens; for greedy rows, log-softmax of `s`).
+
+    Masks and bad input follow `guidance`: a token that is `-inf` in `cond` is never drawn. A row
+    with no finite guided score (all `-inf` in `cond`), or holding NaN or `+inf`, has no
+    distribution: its token is -1 (an invalid id, so that an embedding lookup fails loudly) and
+    its log-probability NaN. Top-k keeps every token tied with the k-th score; top-p keeps each
+    token whose strictly higher-scoring tokens hold less than `top_p` of the mass (the threshold
+    form of transformers' sort-and-cumsum, identical without ties).
+
+    CUDA tensors without top-k and top-p run Triton kernels: one read of both branches draws the
+    token (min-p adds a second read where the unfiltered draw falls outside the kept set, or when
+    log-probabilities are asked for). Top-k and top-p, and CPU tensors, run the torch path, which
+    materializes the guided scores.
+    """
+    if mix is not None and not normalize:
+        raise ValueError("mix interpolates normalized CFG; it cannot be combined with normalize=False")
+    _check_logits(cond, uncond)
+    if cond.shape[1] == 0:
+        raise ValueError("cond and uncond have an empty vocabulary (V = 0)")
+    mode = INTERPOLATED if mix is not None else NORMALIZED if normalize else RAW
+    gamma, gamma_rows = _per_row("guidance_scale", guidance_scale, cond, unit_interval=False)
+    mix_value, mix_rows = (0.0, None) if mix is None else _per_row("mix", mix, cond, unit_interval=True)
+    temp, temp_rows = _filter_value("temperature", temperature, cond, 0.0, float("inf"))
+    top_k = None if top_k is None else _integers("top_k", top_k, cond, low=0)
+    top_p = None if top_p is None else _filter_value("top_p", top_p, cond, 0.0, 1.0, low_open=True)
+    min_p = None if min_p is None else _filter_value("min_p", min_p, cond, 0.0, 1.0)
+    keys = rng.row_keys(_integers("seed", seed, cond, low=None), _integers("step", step, cond, low=None))
+    if cond.stride(1) != 1:
+        cond = cond.contiguous()
+    if uncond.stride(1) != 1:
+        uncond = uncond.contiguous()
+    if cond.shape[0] == 0:
+        dtype = torch.float64 if cond.dtype == torch.float64 else torch.float32
+        out = Sample(torch.empty(0, dtype=torch.int64, device=cond.device),
+                     torch.empty(0, dtype=dtype, device=cond.device))
+        return out if return_logprobs else out.tokens
+    if uses_triton(cond) and top_k is None and top_p is None:
+        out = _run_triton(cond, uncond, keys, mode, gamma, gamma_rows, mix_value, mix_rows, temp,
+                          temp_rows, min_p, return_logprobs)
+    else:
+        out = _torch_path(cond, uncond, keys, mode, gamma, gamma_rows, mix_value, mix_rows, temp,
+                          temp_rows, top_k, top_p, min_p)
+    return out if return_logprobs else out.tokens
+
+
+def _run_triton(cond, uncond, keys, mode, gamma, gamma_rows, mix, mix_rows, temp, temp_rows, min_p,
+                return_logprobs):
+    batch, vocab = cond.shape
+    device = cond.device
+    n_splits, split_len = _guidance_kernels.plan(batch, vocab, _num_sms(device))
+    need = batch * (n_splits * (_kernels.SAMPLE_STATS + _kernels.DRAW_STATS) + _kernels.STATE)
+    scratch = _stats_scratch(device, need)
+    stats = scratch[: batch * n_splits * _kernels.SAMPLE_STATS]
+    draw = scratch[stats.numel(): stats.numel() + batch * n_splits * _kernels.DRAW_STATS]
+    state = scratch[stats.numel() + draw.numel(): need]
+    tokens = torch.empty(batch, dtype=torch.int64, device=device)
+    logprobs = torch.empty(batch, dtype=torch.float32, device=device) if return_logprobs else None
+    min_p_value, min_p_rows = (None, None) if min_p is None else min_p
+    noise = temp_rows is not None or temp > 0
+    key = None
+    if cond.is_cuda:  # see ops._run_triton: everything Triton specializes on
+        key = (device.index, mode, cond.dtype, batch, vocab, cond.stride(0), uncond.stride(0),
+               n_splits, _aligned(cond) and _aligned(uncond), gamma_rows is None,
+               _aligned(gamma_rows), mix_rows is None, _aligned(mix_rows), temp_rows is None,
+               _aligned(temp_rows), min_p is None, min_p_rows is None, _aligned(min_p_rows), noise,
+               return_logprobs)
+    with torch.cuda.device(device) if cond.is_cuda else contextlib.nullcontext():
+        _kernels.launch(cond, uncond, keys, tokens, logprobs, stats, draw, state, mode, gamma,
+                        gamma_rows, mix, mix_rows, temp, temp_rows, min_p_value, min_p_rows, noise,
+                        n_splits, split_len, key)
+    if logprobs is None:
+        logprobs = torch.full((batch,), float("nan"), device=device)
+    return Sample(tokens, logprobs)
+
+
+def _column(scalar, rows, like):
+    return rows.to(like.dtype)[:, None] if rows is not None else torch.full(
+        (like.shape[0], 1), scalar, dtype=like.dtype, device=like.device)
+
+
+def _torch_path(cond, uncond, keys, mode, gamma, gamma_rows, mix, mix_rows, temp, temp_rows, top_k,
+                top_p, min_p) -> Sample:
+    """The reference semantics, written plainly: guided scores, then each filter as a mask."""
+    compute = torch.float64 if cond.dtype == torch.float64 else torch.float32
+    g = gamma if gamma_rows is None else gamma_rows[:, None]
+    a = mix if mix_rows is None else mix_rows[:, None]
+    s = torch_impl.guidance(cond, uncond, g, a, mode, compute)
+    batch, vocab = s.shape
+    t = _column(temp, temp_rows, s)
+    greedy = t == 0
+    t_safe = torch.where(greedy, torch.ones_like(t), t)
+    poisoned = ~((cond.sum(-1, dtype=torch.float64) < float("inf"))
+                 & (uncond.sum(-1, dtype=torch.float64) < float("inf")))
+    s_max = s.amax(-1, keepdim=True)
+    dead = poisoned | (s_max[:, 0] == float("-inf"))
+    s_max = torch.where(dead[:, None], torch.zeros_like(s_max), s_max)
+    keep = s > float("-inf")
+    if top_k is not None or top_p is not None:
+        order = torch.sort(torch.where(keep, s, float("-inf")), dim=-1, descending=True, stable=True)
+        ranked = order.values
+    if top_k is not None:
+        k = top_k.clamp(max=vocab)
+        kth = ranked.gather(1, (k - 1).clamp(min=0)[:, None])
+        keep &= (s >= kth) | (k[:, None] == 0)
+    if top_p is not None:
+        p = _column(*top_p, s).double()
+        mass = torch.where(keep.gather(1, order.indices),
+                           torch.exp(((ranked - s_max) / t_safe).double()), 0.0)
+        before = torch.cumsum(mass, dim=-1) - mass  # mass ranked strictly before each token
+        # Tied tokens share the mass strictly above their score: that of the first of their run.
+        starts = torch.ones_like(keep)
+        starts[:, 1:] = ranked[:, 1:] != ranked[:, :-1]
+        first = torch.cummax(torch.where(starts, torch.arange(vocab, device=s.device), 0), dim=-1).values
+        above = before.gather(1, first)
+        kept_sorted = (above < p * mass.sum(-1, keepdim=True)) | (p >= 1)
+        keep &= torch.zeros_like(keep).scatter(1, order.indices, kept_sorted)
+    if min_p is not None:
+        m = _column(*min_p, s)
+        floor = torch.where(m > 0, s_max + t_safe * torch.log(m), float("-inf"))
+        keep &= s >= floor
+    noise = rng.gumbel(keys, vocab).to(compute)
+    ranked_noisy = torch.where(keep, s + torch.where(greedy, 0.0, t) * noise, float("-inf"))
+    tokens = torch.where(greedy[:, 0], s.argmax(-1), ranked_noisy.argmax(-1))
+    # Greedy rows report log-softmax(s); sampled rows log-softmax(s / T) over the kept tokens.
+    scaled = torch.where(greedy | keep, (s - s_max) / t_safe, float("-inf"))
+    log_z = torch.logsumexp(scaled, dim=-1)
+    logprobs = scaled.gather(1, tokens[:, None])[:, 0] - log_z
+    tokens = torch.where(dead, -1, tokens)
+    logprobs = torch.where(dead, float("nan"), logprobs)
+    return Sample(tokens, logprobs.to(compute))

@@ -1,0 +1,365 @@
+"""Guided sampling: one read of both branches in, token ids out.
+
+Argmax, temperature, min-p and Gumbel noise ignore a per-row constant, and every guided score is a
+per-token key plus a constant per group (tokens live in both branches: `c + κ (u − c)`; tokens
+masked only in uncond: `c`; see `token_logprobs.py`). So one statistics pass can draw the token:
+each split keeps, per group, its best `key + T·g` (`g` Gumbel noise from the counter-based hash
+of `cfg_triton.rng`) and its best plain key; a per-row finish scores the group winners with the
+guidance formula and picks one. Greedy is T = 0. The same pass keeps online sums of
+`exp(key / T)` per group, which give the chosen token's log-probability.
+
+min-p keeps the tokens with `s >= s_max + T ln(min_p)`. The unfiltered draw stands when it lands
+there (the argmax of `s + T·g` over all tokens is then the argmax over the kept ones); otherwise,
+and whenever a log-probability under the filtered distribution is asked for, a second read draws
+among the kept tokens only. Nothing of size `[B, V]` is written.
+
+Per (row, split), SAMPLE_STATS floats: the guidance statistics (slots 0-6, as `guidance.py`), the
+count of NaN/+inf inputs, then (best, index) pairs: noisy live, noisy masked, plain live, plain
+masked; then (max, sum) of `exp(key / T)` for live and masked tokens. Indices are int32 bits.
+"""
+import triton
+import triton.language as tl
+
+from cfg_triton.modes import INTERPOLATED, NORMALIZED, RAW
+
+from .guidance import (BLOCK, MAX_SPLITS, NUM_WARPS, _empty_stats, _fold_tile, _guided, _load_tile,
+                       _online_step, _row_constants, _row_start, _run, _store_stats)
+from .token_logprobs import _NO_INDEX, _fold_best, _score_at, _split_best
+
+_INTERPOLATED = tl.constexpr(INTERPOLATED)
+SAMPLE_STATS = 20
+_SAMPLE_STATS = tl.constexpr(SAMPLE_STATS)
+DRAW_STATS = 4  # per (row, split) of the draw pass: best, index, max, sum
+_DRAW_STATS = tl.constexpr(DRAW_STATS)
+STATE = 4  # per row between passes: pending (1.0 or 0.0), threshold, s_max, 1/T
+_STATE = tl.constexpr(STATE)
+
+
+@triton.jit
+def _mix32(h):
+    """The MurmurHash3 32-bit finalizer (uint32 in, uint32 out); `cfg_triton.rng.mix32` in torch."""
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
+def _gumbel(row_key, idx):
+    """Standard Gumbel noise of tokens `idx` under a uint32 row key (`cfg_triton.rng.gumbel`)."""
+    h = _mix32(row_key ^ _mix32(idx.to(tl.uint32) + 0x9E3779B9))
+    u = ((h >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08  # 2**-24
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
+def _inverse_temperature(temp):
+    # Greedy rows (T = 0) report log-probabilities at T = 1: their partition sums use 1/T = 1.
+    return 1.0 / tl.where(temp > 0, temp, 1.0)
+
+
+@triton.jit
+def _row_params(row, temp, temp_ptr, mix, mix_ptr, TEMP_PER_ROW: tl.constexpr,
+                MIX_PER_ROW: tl.constexpr):
+    if TEMP_PER_ROW:
+        temp = tl.load(temp_ptr + row)
+    if MIX_PER_ROW:
+        mix = tl.load(mix_ptr + row)
+    return temp, mix
+
+
+@triton.jit
+def _sample_stats_kernel(
+    c_ptr, u_ptr, stats_ptr, keys_ptr, gamma, gamma_ptr, mix, mix_ptr, temp, temp_ptr,
+    V, stride_c, stride_u, split_len,
+    MODE: tl.constexpr, GAMMA_PER_ROW: tl.constexpr, MIX_PER_ROW: tl.constexpr,
+    TEMP_PER_ROW: tl.constexpr, NOISE: tl.constexpr, PARTITION: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row, c_row, u_row, gamma = _row_start(c_ptr, u_ptr, stride_c, stride_u, gamma, gamma_ptr,
+                                          GAMMA_PER_ROW)
+    split = tl.program_id(1)
+    temp, mix = _row_params(row, temp, temp_ptr, mix, mix_ptr, TEMP_PER_ROW, MIX_PER_ROW)
+    kappa = 1.0 - gamma
+    if MODE == _INTERPOLATED:
+        kappa = mix * kappa
+    inv_t = _inverse_temperature(temp)
+    row_key = tl.load(keys_ptr + row).to(tl.uint32)
+    lanes = tl.arange(0, BLOCK)
+    c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum = _empty_stats(BLOCK)
+    noisy_live, noisy_live_idx = float("-inf"), _NO_INDEX
+    noisy_masked, noisy_masked_idx = float("-inf"), _NO_INDEX
+    plain_live, plain_live_idx = float("-inf"), _NO_INDEX
+    plain_masked, plain_masked_idx = float("-inf"), _NO_INDEX
+    z_live_max, z_masked_max = float("-inf"), float("-inf")
+    z_live = tl.zeros([BLOCK], dtype=tl.float32)
+    z_masked = tl.zeros([BLOCK], dtype=tl.float32)
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    start = split * split_len
+    end = tl.minimum(start + split_len, V)
+    for offset in range(start, end, BLOCK):
+        idx = offset + lanes
+        c, u, inside = _load_tile(c_row, u_row, idx, end)
+        c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum = _fold_tile(
+            c, u, gamma, c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum, MODE)
+        c_live = c != float("-inf")
+        u_live = u != float("-inf")
+        live_key = tl.where(c_live & u_live, c + kappa * (u - c), float("-inf"))
+        masked_key = tl.where(c_live & (u == float("-inf")), c, float("-inf"))
+        plain_live, plain_live_idx = _fold_best(live_key, idx, plain_live, plain_live_idx)
+        plain_masked, plain_masked_idx = _fold_best(masked_key, idx, plain_masked, plain_masked_idx)
+        if NOISE:
+            noise = temp * _gumbel(row_key, idx)
+            noisy_live, noisy_live_idx = _fold_best(live_key + noise, idx, noisy_live, noisy_live_idx)
+            noisy_masked, noisy_masked_idx = _fold_best(masked_key + noise, idx, noisy_masked,
+                                                        noisy_masked_idx)
+        if PARTITION:
+            z_live_max, scale, e = _online_step(z_live_max, live_key * inv_t)
+            z_live = z_live * scale + e
+            z_masked_max, scale, e = _online_step(z_masked_max, masked_key * inv_t)
+            z_masked = z_masked * scale + e
+        bad += ((c != c) | (u != u) | (c == float("inf")) | (u == float("inf"))).to(tl.int32)
+    out = stats_ptr + (row * tl.num_programs(1) + split) * _SAMPLE_STATS
+    _store_stats(out, c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum)
+    tl.store(out + 7, tl.sum(bad, axis=0).to(tl.float32))
+    if NOISE:  # without noise, nothing reads slots 8-11
+        tl.store(out + 8, noisy_live)
+        tl.store(out + 9, noisy_live_idx.to(tl.float32, bitcast=True))
+        tl.store(out + 10, noisy_masked)
+        tl.store(out + 11, noisy_masked_idx.to(tl.float32, bitcast=True))
+    tl.store(out + 12, plain_live)
+    tl.store(out + 13, plain_live_idx.to(tl.float32, bitcast=True))
+    tl.store(out + 14, plain_masked)
+    tl.store(out + 15, plain_masked_idx.to(tl.float32, bitcast=True))
+    tl.store(out + 16, z_live_max)
+    tl.store(out + 17, tl.sum(z_live, axis=0))
+    tl.store(out + 18, z_masked_max)
+    tl.store(out + 19, tl.sum(z_masked, axis=0))
+
+
+@triton.jit
+def _pick(live_idx, live_score, masked_idx, masked_score):
+    """The better of two group winners (index, score); ties to the lower index, none -> _NO_INDEX."""
+    live_score = tl.where(live_idx == _NO_INDEX, float("-inf"), live_score)
+    masked_score = tl.where(masked_idx == _NO_INDEX, float("-inf"), masked_score)
+    masked_wins = (masked_score > live_score) | ((masked_score == live_score) & (masked_idx < live_idx))
+    return tl.where(masked_wins, masked_idx, live_idx), tl.where(masked_wins, masked_score, live_score)
+
+
+@triton.jit
+def _split_sum(stats_row, slot: tl.constexpr, n_splits, STRIDE: tl.constexpr, MAX_SPLITS: tl.constexpr):
+    j = tl.arange(0, MAX_SPLITS)
+    return tl.sum(tl.load(stats_row + j * STRIDE + slot, mask=j < n_splits, other=0.0), axis=0)
+
+
+@triton.jit
+def _split_logsum(stats_row, max_slot: tl.constexpr, n_splits, STRIDE: tl.constexpr,
+                  MAX_SPLITS: tl.constexpr):
+    """log Σ exp over a group from its per-split (max, sum) pairs; -inf for an empty group."""
+    j = tl.arange(0, MAX_SPLITS)
+    live = j < n_splits
+    m = tl.load(stats_row + j * STRIDE + max_slot, mask=live, other=float("-inf"))
+    s = tl.load(stats_row + j * STRIDE + max_slot + 1, mask=live, other=0.0)
+    top = tl.max(m, axis=0)
+    ref = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.sum(s * tl.exp(m - ref), axis=0)
+    return tl.where(total > 0, ref + tl.log(total), float("-inf"))
+
+
+@triton.jit
+def _key_at(c_row, u_row, i, kappa, MASKED: tl.constexpr):
+    """The ranking key of token `i` in its group (see the module docstring)."""
+    c = tl.load(c_row + i).to(tl.float32)
+    if MASKED:
+        return c
+    u = tl.load(u_row + i).to(tl.float32)
+    return c + kappa * (u - c)
+
+
+@triton.jit
+def _sample_finish_kernel(
+    c_ptr, u_ptr, tokens_ptr, logprobs_ptr, stats_ptr, state_ptr, keys_ptr, gamma, gamma_ptr,
+    mix, mix_ptr, temp, temp_ptr, min_p, min_p_ptr, V, stride_c, stride_u, n_splits,
+    MODE: tl.constexpr, GAMMA_PER_ROW: tl.constexpr, MIX_PER_ROW: tl.constexpr,
+    TEMP_PER_ROW: tl.constexpr, MIN_P: tl.constexpr, MIN_P_PER_ROW: tl.constexpr,
+    NOISE: tl.constexpr, LOGPROBS: tl.constexpr, MAX_SPLITS: tl.constexpr,
+):
+    row, c_row, u_row, gamma = _row_start(c_ptr, u_ptr, stride_c, stride_u, gamma, gamma_ptr,
+                                          GAMMA_PER_ROW)
+    temp, mix = _row_params(row, temp, temp_ptr, mix, mix_ptr, TEMP_PER_ROW, MIX_PER_ROW)
+    stats_row = stats_ptr + row * n_splits * _SAMPLE_STATS
+    c_ref, u_ref, lse_c, live_const, masked_const = _row_constants(
+        stats_row, n_splits, gamma, _SAMPLE_STATS, MODE, MAX_SPLITS)
+    # The row maximum of the guided scores s: the better of the two groups' plain winners.
+    plain_live = _split_best(stats_row, 12, n_splits, _SAMPLE_STATS, MAX_SPLITS)
+    plain_masked = _split_best(stats_row, 14, n_splits, _SAMPLE_STATS, MAX_SPLITS)
+    plain_live_at = tl.where(plain_live == _NO_INDEX, 0, plain_live)
+    plain_masked_at = tl.where(plain_masked == _NO_INDEX, 0, plain_masked)
+    live_top = _score_at(c_row, u_row, plain_live_at, gamma, mix, c_ref, u_ref, lse_c, live_const,
+                         masked_const, MODE)
+    masked_top = _score_at(c_row, u_row, plain_masked_at, gamma, mix, c_ref, u_ref, lse_c,
+                           live_const, masked_const, MODE)
+    token, s_max = _pick(plain_live, live_top, plain_masked, masked_top)
+    dead = (token == _NO_INDEX) | (_split_sum(stats_row, 7, n_splits, _SAMPLE_STATS, MAX_SPLITS) > 0)
+    score = s_max
+    if NOISE:  # T > 0 rows take the noisy winner; greedy rows keep the plain one
+        row_key = tl.load(keys_ptr + row).to(tl.uint32)
+        noisy_live = _split_best(stats_row, 8, n_splits, _SAMPLE_STATS, MAX_SPLITS)
+        noisy_masked = _split_best(stats_row, 10, n_splits, _SAMPLE_STATS, MAX_SPLITS)
+        noisy_live_at = tl.where(noisy_live == _NO_INDEX, 0, noisy_live)
+        noisy_masked_at = tl.where(noisy_masked == _NO_INDEX, 0, noisy_masked)
+        live_s = _score_at(c_row, u_row, noisy_live_at, gamma, mix, c_ref, u_ref, lse_c, live_const,
+                           masked_const, MODE)
+        masked_s = _score_at(c_row, u_row, noisy_masked_at, gamma, mix, c_ref, u_ref, lse_c,
+                             live_const, masked_const, MODE)
+        noisy, _ = _pick(noisy_live, live_s + temp * _gumbel(row_key, noisy_live_at),
+                         noisy_masked, masked_s + temp * _gumbel(row_key, noisy_masked_at))
+        sampled = temp > 0
+        token = tl.where(sampled, noisy, token)
+        score = tl.where(sampled, tl.where(noisy == noisy_masked, masked_s, live_s), score)
+    inv_t = _inverse_temperature(temp)
+    if LOGPROBS:
+        # Σ_i exp((s_i - s_max) / T) per group from its Σ exp(key_i / T): s = key - A in a group,
+        # with A read off the group's plain winner.
+        kappa = 1.0 - gamma
+        if MODE == _INTERPOLATED:
+            kappa = mix * kappa
+        live_a = _key_at(c_row, u_row, plain_live_at, kappa, False) - live_top
+        masked_a = _key_at(c_row, u_row, plain_masked_at, kappa, True) - masked_top
+        live_z = _split_logsum(stats_row, 16, n_splits, _SAMPLE_STATS, MAX_SPLITS) - (live_a + s_max) * inv_t
+        masked_z = _split_logsum(stats_row, 18, n_splits, _SAMPLE_STATS, MAX_SPLITS) - (masked_a + s_max) * inv_t
+        live_z = tl.where(plain_live == _NO_INDEX, float("-inf"), live_z)  # an empty group adds nothing
+        masked_z = tl.where(plain_masked == _NO_INDEX, float("-inf"), masked_z)
+        top_z = tl.maximum(live_z, masked_z)
+        ref = tl.where(top_z == float("-inf"), 0.0, top_z)
+        log_z = ref + tl.log(tl.exp(live_z - ref) + tl.exp(masked_z - ref))
+        lp = (score - s_max) * inv_t - log_z
+        tl.store(logprobs_ptr + row, tl.where(dead, float("nan"), lp))
+    pending = 0.0
+    threshold = float("-inf")
+    if MIN_P:
+        if MIN_P_PER_ROW:
+            min_p = tl.load(min_p_ptr + row)
+        threshold = tl.where((min_p > 0) & (temp > 0), s_max + temp * tl.log(min_p), float("-inf"))
+        # The unfiltered draw stands when it is kept; a filtered log-probability needs the kept mass.
+        redraw = score < threshold
+        if LOGPROBS:
+            redraw = redraw | (threshold > float("-inf"))
+        pending = tl.where(redraw & (dead == 0), 1.0, 0.0)
+    state = state_ptr + row * _STATE
+    tl.store(state + 0, pending)
+    tl.store(state + 1, threshold)
+    tl.store(state + 2, s_max)
+    tl.store(state + 3, inv_t)
+    tl.store(tokens_ptr + row, tl.where(dead, -1, token).to(tl.int64))
+
+
+@triton.jit
+def _sample_draw_kernel(
+    c_ptr, u_ptr, stats_ptr, draw_ptr, state_ptr, keys_ptr, gamma, gamma_ptr, mix, mix_ptr,
+    temp, temp_ptr, V, stride_c, stride_u, split_len, n_splits,
+    MODE: tl.constexpr, GAMMA_PER_ROW: tl.constexpr, MIX_PER_ROW: tl.constexpr,
+    TEMP_PER_ROW: tl.constexpr, MAX_SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Second read, for rows the finish marked pending: the noisy argmax of `s + T·g` over kept
+    tokens (`s >= threshold`), and Σ exp((s - s_max) / T) over them, per split."""
+    row = tl.program_id(0)
+    state = state_ptr + row * _STATE
+    if tl.load(state + 0) == 0.0:
+        return
+    row, c_row, u_row, gamma = _row_start(c_ptr, u_ptr, stride_c, stride_u, gamma, gamma_ptr,
+                                          GAMMA_PER_ROW)
+    split = tl.program_id(1)
+    temp, mix = _row_params(row, temp, temp_ptr, mix, mix_ptr, TEMP_PER_ROW, MIX_PER_ROW)
+    threshold = tl.load(state + 1)
+    s_max = tl.load(state + 2)
+    inv_t = tl.load(state + 3)
+    c_ref, u_ref, lse_c, live_const, masked_const = _row_constants(
+        stats_ptr + row * n_splits * _SAMPLE_STATS, n_splits, gamma, _SAMPLE_STATS, MODE, MAX_SPLITS)
+    row_key = tl.load(keys_ptr + row).to(tl.uint32)
+    lanes = tl.arange(0, BLOCK)
+    best, best_idx = float("-inf"), _NO_INDEX
+    mass = tl.zeros([BLOCK], dtype=tl.float32)
+    start = split * split_len
+    end = tl.minimum(start + split_len, V)
+    for offset in range(start, end, BLOCK):
+        idx = offset + lanes
+        c, u, inside = _load_tile(c_row, u_row, idx, end)
+        s = _guided(c, u, gamma, mix, c_ref, u_ref, lse_c, live_const, masked_const, MODE)
+        kept = (s >= threshold) & (s != float("-inf"))
+        best, best_idx = _fold_best(tl.where(kept, s + temp * _gumbel(row_key, idx), float("-inf")),
+                                    idx, best, best_idx)
+        mass += tl.where(kept, tl.exp((s - s_max) * inv_t), 0.0)
+    out = draw_ptr + (row * n_splits + split) * _DRAW_STATS
+    tl.store(out + 0, best)
+    tl.store(out + 1, best_idx.to(tl.float32, bitcast=True))
+    tl.store(out + 2, tl.sum(mass, axis=0))
+
+
+@triton.jit
+def _sample_draw_finish_kernel(
+    c_ptr, u_ptr, tokens_ptr, logprobs_ptr, stats_ptr, draw_ptr, state_ptr, gamma, gamma_ptr,
+    mix, mix_ptr, V, stride_c, stride_u, n_splits,
+    MODE: tl.constexpr, GAMMA_PER_ROW: tl.constexpr, MIX_PER_ROW: tl.constexpr,
+    LOGPROBS: tl.constexpr, MAX_SPLITS: tl.constexpr,
+):
+    row = tl.program_id(0)
+    state = state_ptr + row * _STATE
+    if tl.load(state + 0) == 0.0:
+        return
+    row, c_row, u_row, gamma = _row_start(c_ptr, u_ptr, stride_c, stride_u, gamma, gamma_ptr,
+                                          GAMMA_PER_ROW)
+    if MIX_PER_ROW:
+        mix = tl.load(mix_ptr + row)
+    draw_row = draw_ptr + row * n_splits * _DRAW_STATS
+    token = _split_best(draw_row, 0, n_splits, _DRAW_STATS, MAX_SPLITS)
+    tl.store(tokens_ptr + row, token.to(tl.int64))
+    if LOGPROBS:
+        c_ref, u_ref, lse_c, live_const, masked_const = _row_constants(
+            stats_ptr + row * n_splits * _SAMPLE_STATS, n_splits, gamma, _SAMPLE_STATS, MODE,
+            MAX_SPLITS)
+        s = _score_at(c_row, u_row, token, gamma, mix, c_ref, u_ref, lse_c, live_const, masked_const,
+                      MODE)
+        mass = _split_sum(draw_row, 2, n_splits, _DRAW_STATS, MAX_SPLITS)
+        tl.store(logprobs_ptr + row, (s - tl.load(state + 2)) * tl.load(state + 3) - tl.log(mass))
+
+
+def launch(cond, uncond, keys, tokens, logprobs, stats, draw, state, mode, gamma, gamma_rows, mix,
+           mix_rows, temp, temp_rows, min_p, min_p_rows, noise, n_splits, split_len, key=None):
+    """Draws one token per row of `[B, V]` row-strided `cond`/`uncond` into int64 `tokens` `[B]`
+    (and fp32 `logprobs` `[B]` unless it is None).
+
+    `keys`: int64 `[B]` row keys (`cfg_triton.rng.row_keys`). Scratch: fp32 `stats` of
+    `B * n_splits * SAMPLE_STATS`, `draw` of `B * n_splits * DRAW_STATS` and `state` of
+    `B * STATE` floats. Each parameter is a float, or a fp32 `[B]` tensor in its `*_rows` (then
+    the float is ignored); `min_p` None is no min-p filter. `noise` False: every row is greedy
+    (temperature 0) and no noise is computed. `key` as in `guidance.launch`.
+    """
+    batch, vocab = cond.shape
+    grid = (batch, n_splits)
+    flags = dict(MODE=mode, GAMMA_PER_ROW=gamma_rows is not None,
+                 MIX_PER_ROW=mix_rows is not None and mode == INTERPOLATED)
+    mix_rows = mix_rows if flags["MIX_PER_ROW"] else None
+    per_t = dict(TEMP_PER_ROW=temp_rows is not None)
+    with_logprobs = logprobs is not None
+    strides = (vocab, cond.stride(0), uncond.stride(0))
+    _run(_sample_stats_kernel, grid, key and ("sample-stats",) + key,
+         (cond, uncond, stats, keys, gamma, gamma_rows, mix, mix_rows, temp, temp_rows, *strides,
+          split_len),
+         dict(**flags, **per_t, NOISE=noise, PARTITION=with_logprobs, BLOCK=BLOCK))
+    filtered = min_p is not None
+    _run(_sample_finish_kernel, (batch,), key and ("sample-finish",) + key,
+         (cond, uncond, tokens, logprobs, stats, state, keys, gamma, gamma_rows, mix, mix_rows, temp,
+          temp_rows, min_p or 0.0, min_p_rows, *strides, n_splits),
+         dict(**flags, **per_t, MIN_P=filtered, MIN_P_PER_ROW=min_p_rows is not None, NOISE=noise,
+              LOGPROBS=with_logprobs, MAX_SPLITS=MAX_SPLITS))
+    if filtered and noise:
+        _run(_sample_draw_kernel, grid, key and ("sample-draw",) + key,
+             (cond, uncond, stats, draw, state, keys, gamma, gamma_rows, mix, mix_rows, temp,
+              temp_rows, *strides, split_len, n_splits),
+             dict(**flags, **per_t, MAX_SPLITS=MAX_SPLITS, BLOCK=BLOCK))
+        _run(_sample_draw_finish_kernel, (batch,), key and ("sample-draw-finish",) + key,
+             (cond, uncond, tokens, logprobs, stats, draw, state, gamma, gamma_rows, mix, mix_rows,
+              *strides, n_splits),
+             dict(**flags, LOGPROBS=with_logprobs, MAX_SPLITS=MAX_SPLITS))
