@@ -1,4 +1,5 @@
-"""The GPU measurements of bench/gpu.sh: host cost, the op grid, end-to-end generation, greedy parity.
+"""The GPU measurements of bench/gpu.sh: host cost, the op grid, guided sampling and scoring,
+end-to-end generation, greedy parity.
 
     python bench/gpu.py --out OUT [--quick | --smoke] [--budget SECONDS] [--tests OUT/tests.xml]
 
@@ -126,7 +127,7 @@ class Run:
         self.started = time.perf_counter()
         self.results = {"machine": report.machine(), "plan": plan_name(plan), "copy_gbps": None,
                         "guidance": [], "generation": [], "host": [], "parity": None,
-                        "sections": {}}
+                        "sampling": [], "scoring": [], "sections": {}}
 
     def section(self, name, fn):
         if time.perf_counter() > self.deadline:
@@ -236,6 +237,84 @@ def _op_point(r, semantics, dtype, batch, vocab, compiled):
           f"{point['fused_us']:9.1f} µs (graph {point.get('fused_graph_us', float('nan')):8.1f})",
           flush=True)
     return point
+
+
+SAMPLING_FILTERS = {"none": {}, "top_k": dict(top_k=50), "top_p": dict(top_p=0.9),
+                    "min_p": dict(min_p=0.05)}
+
+
+def _warped_probs(cond, uncond, filters):
+    from cfg_triton.processors import warp_scores
+
+    scores = cfg_triton.guidance(cond, uncond, 1.5)
+    if "min_p" in filters:  # transformers' MinPLogitsWarper, written out
+        probs = scores.softmax(-1)
+        scores = scores.masked_fill(probs < filters["min_p"] * probs.amax(-1, keepdim=True), float("-inf"))
+    return warp_scores(scores, 0.8, filters.get("top_k"), filters.get("top_p")).softmax(-1)
+
+
+def measure_sampling(r: Run):
+    """`sample` against guidance + warpers + multinomial, and against the `probs / Exponential(1)`
+    argmax trick, with the one-read floor 2·B·V·s of both branches."""
+    impls = {
+        "sample": lambda c, u, f: cfg_triton.sample(c, u, 1.5, temperature=0.8, seed=0, step=0, **f),
+        "multinomial": lambda c, u, f: torch.multinomial(_warped_probs(c, u, f), 1),
+        "exponential": lambda c, u, f: (_warped_probs(c, u, f) / torch.empty_like(
+            c, dtype=torch.float32).exponential_()).argmax(-1),
+    }
+    for dtype in r.plan["dtypes"]:
+        for batch in r.plan["batches"]:
+            for vocab in r.plan["vocabs"]:
+                cond, uncond = _logits(batch, vocab, dtype, r.device), _logits(batch, vocab, dtype, r.device, 1)
+                for name, filters in SAMPLING_FILTERS.items():
+                    if r.over_budget():
+                        r.results["sections"]["sampling truncated"] = f"at {dtype} B={batch} V={vocab}"
+                        return
+                    point = {"dtype": str(dtype)[6:], "batch": batch, "vocab": vocab, "filter": name,
+                             "floor_bytes": 2 * batch * vocab * cond.element_size()}
+                    with torch.inference_mode():
+                        for impl, fn in impls.items():
+                            point[f"{impl}_us"] = 1e6 * r.clock.median(
+                                lambda: fn(cond, uncond, filters), r.plan["calls"])  # noqa: B023
+                    if r.results["copy_gbps"]:
+                        floor_us = 1e6 * point["floor_bytes"] / (r.results["copy_gbps"] * 1e9 / 2)
+                        point["x_floor"] = point["sample_us"] / floor_us
+                    point["speedup_vs_multinomial"] = point["multinomial_us"] / point["sample_us"]
+                    r.results["sampling"].append(point)
+                    print(f"  sample {name:6} {point['dtype']:8} B={batch:<4} V={vocab:<7} "
+                          f"{point['sample_us']:9.1f} µs, {point['speedup_vs_multinomial']:.1f}x "
+                          f"multinomial", flush=True)
+                del cond, uncond
+
+
+def measure_scoring(r: Run):
+    """`token_logprobs` on `[8, 512, V]` logits against guidance + gather: time and peak memory."""
+    for dtype in r.plan["dtypes"]:
+        for vocab in r.plan["vocabs"]:
+            shape = (8, 512, vocab) if r.device == "cuda" else (2, 16, vocab)
+            cond = _logits(shape[0] * shape[1], vocab, dtype, r.device).reshape(shape)
+            uncond = _logits(shape[0] * shape[1], vocab, dtype, r.device, 1).reshape(shape)
+            targets = torch.randint(0, vocab, shape[:2], device=r.device)
+            point = {"dtype": str(dtype)[6:], "shape": list(shape),
+                     "logits_bytes": cond.numel() * cond.element_size()}
+            impls = {"token_logprobs": lambda: cfg_triton.token_logprobs(cond, uncond, targets, 1.5),
+                     "guidance_gather": lambda: cfg_triton.guidance(
+                         cond.flatten(0, 1), uncond.flatten(0, 1), 1.5).gather(1, targets.reshape(-1, 1))}
+            with torch.inference_mode():
+                for impl, fn in impls.items():
+                    point[f"{impl}_us"] = 1e6 * r.clock.median(fn, r.plan["calls"])
+                    if r.device == "cuda":
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                        before = torch.cuda.memory_allocated()
+                        fn()
+                        torch.cuda.synchronize()
+                        point[f"{impl}_peak_extra_bytes"] = torch.cuda.max_memory_allocated() - before
+            r.results["scoring"].append(point)
+            print(f"  scoring {point['dtype']:8} V={vocab:<7} token_logprobs "
+                  f"{point['token_logprobs_us']:9.1f} µs, guidance+gather {point['guidance_gather_us']:9.1f} µs",
+                  flush=True)
+            del cond, uncond
 
 
 def build_model(name, dtype, device, peaked=False):
@@ -366,6 +445,20 @@ def summary(results) -> str:
                                     else "-" for peer in report.PEERS)
                 lines.append(f"  {p['semantics']:12} {p['dtype']:8} {p['batch']:>3} {p['vocab']:>7,}: "
                              f"{p['fused_us']:8.1f} | {p['gbps']:7.1f} | {ratios}")
+    if results.get("sampling"):
+        lines.append("sample (filter dtype B V): µs | x one-read floor | x multinomial | x exponential")
+        for p in results["sampling"]:
+            if p["vocab"] == max(q["vocab"] for q in results["sampling"]):
+                lines.append(f"  {p['filter']:6} {p['dtype']:8} {p['batch']:>3} {p['vocab']:>7,}: "
+                             f"{p['sample_us']:8.1f} | {p.get('x_floor', float('nan')):5.2f} | "
+                             f"{p['speedup_vs_multinomial']:5.1f}x | {p['exponential_us'] / p['sample_us']:5.1f}x")
+    for p in results.get("scoring") or []:
+        lines.append(f"scoring {p['shape']} {p['dtype']}: token_logprobs {p['token_logprobs_us']:.0f} µs"
+                     + (f", peak +{p['token_logprobs_peak_extra_bytes'] / 2**20:.1f} MiB "
+                        f"({100 * p['token_logprobs_peak_extra_bytes'] / p['logits_bytes']:.1f}% of the "
+                        f"logits); guidance+gather {p['guidance_gather_us']:.0f} µs, +"
+                        f"{p['guidance_gather_peak_extra_bytes'] / 2**20:.0f} MiB"
+                        if "token_logprobs_peak_extra_bytes" in p else ""))
     if results["generation"]:
         lines.append("generation ms/token (model B impl):")
         for g in results["generation"]:
@@ -394,6 +487,8 @@ def main(argv=None) -> int:
     r.section("greedy parity", lambda: check_parity(r))
     r.section("host cost", lambda: measure_host(r))
     r.section("op grid", lambda: measure_op(r))
+    r.section("sampling", lambda: measure_sampling(r))
+    r.section("scoring", lambda: measure_scoring(r))
     r.section("generation", lambda: measure_generation(r))
     r.results["seconds"] = time.perf_counter() - r.started
     args.out.mkdir(parents=True, exist_ok=True)

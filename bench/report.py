@@ -71,13 +71,13 @@ def _spread(stats, per=1.0):
 
 def summarize(raw: dict, copy_gbps: float | None) -> dict:
     """pytest-benchmark JSON -> {machine, copy_gbps, guidance, generation, host, load, scoring,
-    memory}.
+    memory, sampling_cpu}.
 
     Every time keeps its interquartile range and round count beside its median.
     """
     machine = raw["machine_info"]["cfg_triton"]
     cells = defaultdict(dict)
-    generation, host, load, scoring, memory = [], [], [], [], []
+    generation, host, load, scoring, memory, sampling = [], [], [], [], [], []
     for bench in raw["benchmarks"]:
         info, stats = bench["extra_info"], bench["stats"]
         if "new_tokens" in info:
@@ -88,6 +88,10 @@ def summarize(raw: dict, copy_gbps: float | None) -> dict:
             median, iqr, rounds = _spread(stats, info["calls_per_round"] / 1e6)
             host.append({k: info[k] for k in ("host", "semantics", "dtype", "batch", "vocab")}
                         | {"us_per_call": median, "iqr_us": iqr, "rounds": rounds})
+        elif "filter" in info:
+            median, iqr, rounds = _spread(stats, 1e-6)
+            sampling.append({k: info[k] for k in ("filter", "batch", "vocab", "dtype", "floor_bytes")}
+                            | {"impl": info["sampling"], "us": median, "iqr_us": iqr, "rounds": rounds})
         elif "scoring" in info:
             median, iqr, rounds = _spread(stats, info["examples"] / 1e3)
             scoring.append({"impl": info["scoring"], "examples": info["examples"],
@@ -128,7 +132,7 @@ def summarize(raw: dict, copy_gbps: float | None) -> dict:
         guidance.append(point)
     return {"machine": machine, "copy_gbps": copy_gbps, "guidance": guidance,
             "generation": generation, "host": host, "load": load, "scoring": scoring,
-            "memory": memory}
+            "memory": memory, "sampling_cpu": sampling}
 
 
 def _pm(value, spread, fmt="{:,.0f}"):
@@ -224,6 +228,28 @@ def host_table(results) -> str:
     return "\n".join(rows)
 
 
+def sampling_table(results) -> str:
+    """CPU rows (`sampling_cpu`, one entry per impl) or GPU rows (`sampling`, one per point)."""
+    points = {}
+    for e in results.get("sampling_cpu") or []:
+        key = (e["filter"], e["batch"], e["vocab"], e["dtype"])
+        points.setdefault(key, {"filter": e["filter"], "batch": e["batch"], "vocab": e["vocab"],
+                                "dtype": e["dtype"]})[f"{e['impl']}_us"] = e["us"]
+    rows = list(points.values()) + list(results.get("sampling") or [])
+    if not rows:
+        return ""
+    out = [f"Guided sampling on **{_label(results)}**: `sample` against guidance + warpers + "
+           "`torch.multinomial` and against the `probs / Exponential(1)` argmax trick; temperature 0.8, "
+           "µs per call (medians).", "",
+           "| filter | dtype | B | V | sample | multinomial | exponential | x multinomial |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for p in sorted(rows, key=lambda p: (p["filter"], p["dtype"], p["batch"], p["vocab"])):
+        out.append(f"| {p['filter']} | {p['dtype']} | {p['batch']} | {p['vocab']:,} | {p['sample_us']:,.0f} | "
+                   f"{p['multinomial_us']:,.0f} | {p['exponential_us']:,.0f} | "
+                   f"{p['multinomial_us'] / p['sample_us']:.2f}x |")
+    return "\n".join(out)
+
+
 def scoring_table(results) -> str:
     scoring, memory = results.get("scoring") or [], results.get("memory") or []
     rows = []
@@ -292,7 +318,8 @@ def update_readme(results, png: Path, readme: Path) -> None:
     tag = machine_tag(results["machine"])
     picture = f"![{tag}]({os.path.relpath(png, readme.parent)})"
     block = "\n\n".join(x for x in (guidance_table(results), picture, generation_table(results),
-                                     host_table(results), scoring_table(results)) if x)
+                                     host_table(results), scoring_table(results),
+                                     sampling_table(results)) if x)
     text = readme.read_text()
     start, end = f"<!-- bench:{results['machine']['device']}:start -->", \
         f"<!-- bench:{results['machine']['device']}:end -->"

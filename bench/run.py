@@ -25,7 +25,8 @@ sys.path.insert(0, str(HERE))
 import report  # noqa: E402
 
 FILES = {"guidance": "test_guidance_bench.py", "generation": "test_generation_bench.py",
-         "host": "test_host_bench.py", "scoring": "test_scoring_bench.py"}
+         "host": "test_host_bench.py", "scoring": "test_scoring_bench.py",
+         "sampling": "test_sampling_bench.py"}
 
 
 def copy_bandwidth(device: str, small: bool = False) -> float:
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
     previous = args.out / f"{report.machine_tag(results['machine'])}.json"
     if args.merge and previous.exists():
         old = json.loads(previous.read_text())
-        for section in ("guidance", "generation", "host", "load", "scoring", "memory"):
+        for section in ("guidance", "generation", "host", "load", "scoring", "memory", "sampling_cpu"):
             if not results[section]:
                 results[section] = old.get(section, [])
     path = report.publish(results, args.out, args.readme)

@@ -39,10 +39,11 @@ def compile_all(archs=(80, 90)):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .kernels import guidance, token_logprobs
+    from .kernels import guidance, sampling, token_logprobs
 
     rows = []
-    specs = [*guidance.specializations(), *token_logprobs.specializations()]
+    specs = [*guidance.specializations(), *token_logprobs.specializations(),
+             *sampling.specializations()]
     for kernel, signature, constexprs, num_warps in specs:
         for aligned in (True, False):
             # The JIT marks pointers and ints divisible by 16; compile both that and the unaligned case.

@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="sampling temperature (1.0 when sampling)")
     gen.add_argument("--top-k", type=_number(1, 1e9, kind=int), default=None)
     gen.add_argument("--top-p", type=_number(0, 1, low_open=True), default=None)
+    gen.add_argument("--min-p", type=_number(0, 1), default=None)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     gen.add_argument("--compare", action="store_true", help="also print the unguided continuation")
@@ -140,11 +141,10 @@ def _eval(args, parser) -> int:
 
 
 def _generate(args, parser) -> int:
-    ignored = [f"--{k.replace('_', '-')}" for k in ("temperature", "top_k", "top_p")
+    ignored = [f"--{k.replace('_', '-')}" for k in ("temperature", "top_k", "top_p", "min_p")
                if getattr(args, k) is not None]
     if ignored and not args.sample:
         _warn(f"{', '.join(ignored)} only apply with --sample; decoding greedily")
-    import torch
     from transformers import TextStreamer
 
     from . import generate, models
@@ -171,18 +171,17 @@ def _generate(args, parser) -> int:
         _warn(f"the prompt ({ids.shape[1]} tokens) plus --max-new-tokens {args.max_new_tokens} "
               f"exceeds the model's context of {context} tokens; output past it is unreliable")
     sampling = dict(do_sample=args.sample, temperature=args.temperature or 1.0, top_k=args.top_k,
-                    top_p=args.top_p)
+                    top_p=args.top_p, min_p=args.min_p)
 
     def run(label, guidance_scale, mix):
         print(f"--- {label} ---", flush=True)
-        generator = torch.Generator().manual_seed(args.seed)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         t0 = time.perf_counter()
         unguided = guidance_scale == 1 and mix is None
         out = generate(model, ids, negative_input_ids=None if unguided else negative,
                        guidance_scale=guidance_scale,
                        mix=mix, mode=args.mode, max_new_tokens=args.max_new_tokens,
-                       generator=generator, streamer=streamer, **sampling)
+                       seed=args.seed, streamer=streamer, **sampling)
         new = out.shape[1] - ids.shape[1]
         seconds = time.perf_counter() - t0
         print(f"[{new} tokens in {seconds:.2f} s, {new / seconds:.1f} tokens/s]", file=sys.stderr)

@@ -9,8 +9,8 @@ import warnings
 import torch
 
 from .lm import forward_last, give_back_cache, narrow_linears, positions, take_static_cache
-from .ops import guidance
-from .processors import check_warpers, warp_scores
+from .processors import check_warpers
+from .sampling import sample
 
 
 def _left_pad(ids, mask, length):
@@ -84,8 +84,8 @@ class _Branches:
         return self.masks, position_ids, self.slots
 
 
-def decode(model, batched, caches, ids, masks, position_ids, slots, guidance_scale, mix):
-    """One decode step of both branches: forward on `ids` `[B]`, then guidance -> `[B, V]` scores.
+def decode(model, batched, caches, ids, masks, position_ids, slots):
+    """One decode step of both branches: forward on `ids` `[B]` -> (cond, uncond) `[B, V]` logits.
 
     A pure function of its tensor arguments (the static caches are updated in place), so that it
     compiles as one graph and, on CUDA, replays as one CUDA graph.
@@ -93,8 +93,7 @@ def decode(model, batched, caches, ids, masks, position_ids, slots, guidance_sca
     step_ids = (torch.cat([ids, ids]) if batched else ids)[:, None]
     logits = [forward_last(model, step_ids, mask, pos, cache, slot)[0]
               for mask, pos, cache, slot in zip(masks, position_ids, caches, slots)]
-    cond, uncond = _pair(logits, batched)
-    return guidance(cond, uncond, guidance_scale, mix=mix)
+    return _pair(logits, batched)
 
 
 def _pair(logits, batched):
@@ -123,30 +122,38 @@ def _as_list(token_ids):
 def generate(model, input_ids, attention_mask=None, *, negative_input_ids=None,
              negative_attention_mask=None, guidance_scale=1.5, mix=None, mode="batched",
              max_new_tokens=64, min_new_tokens=0, do_sample=False, temperature=1.0, top_k=None,
-             top_p=None, eos_token_id=None, pad_token_id=None, generator=None, streamer=None,
-             compile=False):
+             top_p=None, min_p=None, eos_token_id=None, pad_token_id=None, seed=None, generator=None,
+             streamer=None, compile=False):
     """Generates with classifier-free guidance; returns `[B, T + n]` ids, the prompt then new tokens.
 
     `input_ids`/`attention_mask`: prompts `[B, T]`, padded on either side (the mask says where; each
     row's tokens are moved to the right end). The unconditional branch is `negative_input_ids`
     (`[B, T']` with its mask; an empty one means the BOS token) or, by default, each prompt's last
-    token. The result repeats `input_ids` as given. Each step the guided scores are `cfg_triton.guidance(cond, uncond, guidance_scale,
-    mix=mix)` (normalized CFG; interpolated when `mix` is set), then `min_new_tokens`, temperature,
-    top-k and top-p apply in that order; greedy unless `do_sample`. Both branches get the chosen
-    token. `mode="batched"` runs both branches as one `[2B]` forward; `"sequential"` runs two `[B]`
-    forwards with separate caches (less peak memory). Finished rows are padded with `pad_token_id`;
-    EOS and pad default to the model's generation config. `streamer` gets `put(ids)` / `end()`.
+    token. The result repeats `input_ids` as given. Each step draws the next token with
+    `cfg_triton.sample(cond, uncond, guidance_scale, mix=mix, ...)`: the guided scores (normalized
+    CFG; interpolated when `mix` is set), `min_new_tokens` (EOS masked in the conditional branch),
+    then temperature, top-k, top-p and min-p in that order; greedy unless `do_sample`. Both
+    branches get the chosen token. `mode="batched"` runs both branches as one `[2B]` forward;
+    `"sequential"` runs two `[B]` forwards with separate caches (less peak memory). Finished rows
+    are padded with `pad_token_id`; EOS and pad default to the model's generation config.
+    `streamer` gets `put(ids)` / `end()`.
+
+    Sampling is reproducible by `seed`: step `t` of row `r` draws with the noise keyed by
+    (seed, r, t), on every device and with or without `compile`. Without a seed one is drawn from
+    `generator` (or torch's global generator), so a seeded generator still reproduces a run; the
+    generator is no longer consumed step by step, so its draws differ from releases before `seed`.
 
     `guidance_scale=1` without `mix` is no guidance: only the conditional branch runs (plain
     decoding through this loop; a negative prompt is then unused, with a warning).
 
-    `compile=True` runs the decode step (both forwards and the guidance) with static KV caches
+    `compile=True` runs the decode step (both forwards) with static KV caches
     through `torch.compile`, as a CUDA graph on CUDA ("reduce-overhead"); the prefill stays eager.
     It compiles once per model, batch shape and length, so it pays off for repeated calls of one
-    shape. Tokens are the same as eager: sampling draws from the same generator in the same order.
+    shape. Tokens are the same as eager: the draw runs outside the compiled step with the same keys.
     """
     if do_sample:
         check_warpers(temperature, top_k, top_p)
+    seed = _seed(seed, generator)
     # γ = 1 without a mix is the conditional distribution itself: the unconditional branch is
     # skipped, which makes this also the loop's own unguided baseline.
     unguided = mix is None and isinstance(guidance_scale, numbers.Real) and guidance_scale == 1
@@ -165,15 +172,12 @@ def generate(model, input_ids, attention_mask=None, *, negative_input_ids=None,
         if not compile:
             stack.enter_context(narrow_linears(model))
         cond, uncond = branches.prefill()
-        scores = guidance(cond, uncond, guidance_scale, mix=mix)
+        warp = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p) if do_sample \
+            else dict(temperature=0.0)
         for step in range(max_new_tokens):
             if step < min_new_tokens and eos:
-                scores = scores.index_fill(1, eos_t, float("-inf"))
-            if do_sample:
-                probs = warp_scores(scores, temperature, top_k, top_p).softmax(-1)
-                next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            else:
-                next_ids = scores.argmax(-1)
+                cond = cond.index_fill(1, eos_t, float("-inf"))  # a copy: never the model's buffer
+            next_ids = sample(cond, uncond, guidance_scale, mix=mix, seed=seed, step=step, **warp)
             # Finished rows show pad but keep feeding the model a real token: any pad id is safe.
             shown = torch.where(finished, pad_id, next_ids)
             tokens.append(shown)
@@ -184,11 +188,20 @@ def generate(model, input_ids, attention_mask=None, *, negative_input_ids=None,
                 break
             if graphs:  # the last step's outputs have been consumed: the graph may overwrite them
                 torch.compiler.cudagraph_mark_step_begin()
-            scores = step_fn(model, branches.batched, branches.caches, next_ids, *branches.advance(),
-                             guidance_scale, mix)
+            cond, uncond = step_fn(model, branches.batched, branches.caches, next_ids, *branches.advance())
     if streamer is not None:
         streamer.end()
     return torch.cat([input_ids] + [t[:, None] for t in tokens], dim=1)
+
+
+def _seed(seed, generator) -> int:
+    """The sampling seed: `seed` itself, else one drawn from `generator` (or torch's global one)."""
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+        return int(seed)
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
 
 
 def _prepare(model, input_ids, attention_mask, negative_input_ids, negative_attention_mask, mode,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -124,6 +124,14 @@ def sample(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale, *, mix=None
     return out if return_logprobs else out.tokens
 
 
+def _rows(scalar, rows, batch, device):
+    """A per-row fp32 `[B]` tensor: the kernels take every parameter per row (one specialization
+    for scalars and tensors alike)."""
+    if rows is not None:
+        return rows.to(torch.float32)
+    return torch.full((batch,), scalar, dtype=torch.float32, device=device)
+
+
 def _run_triton(cond, uncond, keys, mode, gamma, gamma_rows, mix, mix_rows, temp, temp_rows, min_p,
                 return_logprobs):
     batch, vocab = cond.shape
@@ -136,18 +144,16 @@ def _run_triton(cond, uncond, keys, mode, gamma, gamma_rows, mix, mix_rows, temp
     state = scratch[stats.numel() + draw.numel(): need]
     tokens = torch.empty(batch, dtype=torch.int64, device=device)
     logprobs = torch.empty(batch, dtype=torch.float32, device=device) if return_logprobs else None
-    min_p_value, min_p_rows = (None, None) if min_p is None else min_p
     noise = temp_rows is not None or temp > 0
+    params = [_rows(gamma, gamma_rows, batch, device), _rows(mix, mix_rows, batch, device),
+              _rows(temp, temp_rows, batch, device),
+              None if min_p is None else _rows(*min_p, batch, device)]
     key = None
-    if cond.is_cuda:  # see ops._run_triton: everything Triton specializes on
+    if cond.is_cuda:  # see ops._run_triton: everything Triton specializes on (fresh tensors align)
         key = (device.index, mode, cond.dtype, batch, vocab, cond.stride(0), uncond.stride(0),
-               n_splits, _aligned(cond) and _aligned(uncond), gamma_rows is None,
-               _aligned(gamma_rows), mix_rows is None, _aligned(mix_rows), temp_rows is None,
-               _aligned(temp_rows), min_p is None, min_p_rows is None, _aligned(min_p_rows), noise,
-               return_logprobs)
+               n_splits, _aligned(cond) and _aligned(uncond), min_p is None, noise, return_logprobs)
     with torch.cuda.device(device) if cond.is_cuda else contextlib.nullcontext():
-        _kernels.launch(cond, uncond, keys, tokens, logprobs, stats, draw, state, mode, gamma,
-                        gamma_rows, mix, mix_rows, temp, temp_rows, min_p_value, min_p_rows, noise,
+        _kernels.launch(cond, uncond, keys, tokens, logprobs, stats, draw, state, mode, *params, noise,
                         n_splits, split_len, key)
     if logprobs is None:
         logprobs = torch.full((batch,), float("nan"), device=device)

@@ -24,7 +24,7 @@ from cfg_triton.modes import INTERPOLATED, NORMALIZED, RAW
 
 from .guidance import (BLOCK, MAX_SPLITS, NUM_WARPS, _empty_stats, _fold_tile, _guided, _load_tile,
                        _online_step, _row_constants, _row_start, _run, _store_stats)
-from .token_logprobs import _NO_INDEX, _fold_best, _score_at, _split_best
+from .token_logprobs import STATS_WARPS, _NO_INDEX, _fold_best, _score_at, _split_best
 
 _INTERPOLATED = tl.constexpr(INTERPOLATED)
 SAMPLE_STATS = 20
@@ -61,26 +61,22 @@ def _inverse_temperature(temp):
 
 
 @triton.jit
-def _row_params(row, temp, temp_ptr, mix, mix_ptr, TEMP_PER_ROW: tl.constexpr,
-                MIX_PER_ROW: tl.constexpr):
-    if TEMP_PER_ROW:
-        temp = tl.load(temp_ptr + row)
-    if MIX_PER_ROW:
-        mix = tl.load(mix_ptr + row)
-    return temp, mix
+def _sample_row(c_ptr, u_ptr, stride_c, stride_u, gamma_ptr, mix_ptr, temp_ptr):
+    """This program's row: its row pointers and its γ, α and temperature (all per row: one
+    specialization serves scalars and tensors alike)."""
+    row, c_row, u_row, gamma = _row_start(c_ptr, u_ptr, stride_c, stride_u, 0.0, gamma_ptr, True)
+    return row, c_row, u_row, gamma, tl.load(mix_ptr + row), tl.load(temp_ptr + row)
 
 
 @triton.jit
 def _sample_stats_kernel(
-    c_ptr, u_ptr, stats_ptr, keys_ptr, gamma, gamma_ptr, mix, mix_ptr, temp, temp_ptr,
-    V, stride_c, stride_u, split_len,
-    MODE: tl.constexpr, GAMMA_PER_ROW: tl.constexpr, MIX_PER_ROW: tl.constexpr,
-    TEMP_PER_ROW: tl.constexpr, NOISE: tl.constexpr, PARTITION: tl.constexpr, BLOCK: tl.constexpr,
+    c_ptr, u_ptr, stats_ptr, keys_ptr, gamma_ptr, mix_ptr, temp_ptr, V, stride_c, stride_u,
+    split_len,
+    MODE: tl.constexpr, NOISE: tl.constexpr, PARTITION: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row, c_row, u_row, gamma = _row_start(c_ptr, u_ptr, stride_c, stride_u, gamma, gamma_ptr,
-                                          GAMMA_PER_ROW)
+    row, c_row, u_row, gamma, mix, temp = _sample_row(c_ptr, u_ptr, stride_c, stride_u, gamma_ptr,
+                                                      mix_ptr, temp_ptr)
     split = tl.program_id(1)
-    temp, mix = _row_params(row, temp, temp_ptr, mix, mix_ptr, TEMP_PER_ROW, MIX_PER_ROW)
     kappa = 1.0 - gamma
     if MODE == _INTERPOLATED:
         kappa = mix * kappa
@@ -179,15 +175,13 @@ def _key_at(c_row, u_row, i, kappa, MASKED: tl.constexpr):
 
 @triton.jit
 def _sample_finish_kernel(
-    c_ptr, u_ptr, tokens_ptr, logprobs_ptr, stats_ptr, state_ptr, keys_ptr, gamma, gamma_ptr,
-    mix, mix_ptr, temp, temp_ptr, min_p, min_p_ptr, V, stride_c, stride_u, n_splits,
-    MODE: tl.constexpr, GAMMA_PER_ROW: tl.constexpr, MIX_PER_ROW: tl.constexpr,
-    TEMP_PER_ROW: tl.constexpr, MIN_P: tl.constexpr, MIN_P_PER_ROW: tl.constexpr,
-    NOISE: tl.constexpr, LOGPROBS: tl.constexpr, MAX_SPLITS: tl.constexpr,
+    c_ptr, u_ptr, tokens_ptr, logprobs_ptr, stats_ptr, state_ptr, keys_ptr, gamma_ptr, mix_ptr,
+    temp_ptr, min_p_ptr, V, stride_c, stride_u, n_splits,
+    MODE: tl.constexpr, MIN_P: tl.constexpr, NOISE: tl.constexpr, LOGPROBS: tl.constexpr,
+    MAX_SPLITS: tl.constexpr,
 ):
-    row, c_row, u_row, gamma = _row_start(c_ptr, u_ptr, stride_c, stride_u, gamma, gamma_ptr,
-                                          GAMMA_PER_ROW)
-    temp, mix = _row_params(row, temp, temp_ptr, mix, mix_ptr, TEMP_PER_ROW, MIX_PER_ROW)
+    row, c_row, u_row, gamma, mix, temp = _sample_row(c_ptr, u_ptr, stride_c, stride_u, gamma_ptr,
+                                                      mix_ptr, temp_ptr)
     stats_row = stats_ptr + row * n_splits * _SAMPLE_STATS
     c_ref, u_ref, lse_c, live_const, masked_const = _row_constants(
         stats_row, n_splits, gamma, _SAMPLE_STATS, MODE, MAX_SPLITS)
@@ -239,8 +233,7 @@ def _sample_finish_kernel(
     pending = 0.0
     threshold = float("-inf")
     if MIN_P:
-        if MIN_P_PER_ROW:
-            min_p = tl.load(min_p_ptr + row)
+        min_p = tl.load(min_p_ptr + row)
         threshold = tl.where((min_p > 0) & (temp > 0), s_max + temp * tl.log(min_p), float("-inf"))
         # The unfiltered draw stands when it is kept; a filtered log-probability needs the kept mass.
         redraw = score < threshold
@@ -257,10 +250,9 @@ def _sample_finish_kernel(
 
 @triton.jit
 def _sample_draw_kernel(
-    c_ptr, u_ptr, stats_ptr, draw_ptr, state_ptr, keys_ptr, gamma, gamma_ptr, mix, mix_ptr,
-    temp, temp_ptr, V, stride_c, stride_u, split_len, n_splits,
-    MODE: tl.constexpr, GAMMA_PER_ROW: tl.constexpr, MIX_PER_ROW: tl.constexpr,
-    TEMP_PER_ROW: tl.constexpr, MAX_SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+    c_ptr, u_ptr, stats_ptr, draw_ptr, state_ptr, keys_ptr, gamma_ptr, mix_ptr, temp_ptr,
+    V, stride_c, stride_u, split_len, n_splits,
+    MODE: tl.constexpr, MAX_SPLITS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Second read, for rows the finish marked pending: the noisy argmax of `s + T·g` over kept
     tokens (`s >= threshold`), and Σ exp((s - s_max) / T) over them, per split."""
@@ -268,10 +260,9 @@ def _sample_draw_kernel(
     state = state_ptr + row * _STATE
     if tl.load(state + 0) == 0.0:
         return
-    row, c_row, u_row, gamma = _row_start(c_ptr, u_ptr, stride_c, stride_u, gamma, gamma_ptr,
-                                          GAMMA_PER_ROW)
+    row, c_row, u_row, gamma, mix, temp = _sample_row(c_ptr, u_ptr, stride_c, stride_u, gamma_ptr,
+                                                      mix_ptr, temp_ptr)
     split = tl.program_id(1)
-    temp, mix = _row_params(row, temp, temp_ptr, mix, mix_ptr, TEMP_PER_ROW, MIX_PER_ROW)
     threshold = tl.load(state + 1)
     s_max = tl.load(state + 2)
     inv_t = tl.load(state + 3)
@@ -299,19 +290,16 @@ def _sample_draw_kernel(
 
 @triton.jit
 def _sample_draw_finish_kernel(
-    c_ptr, u_ptr, tokens_ptr, logprobs_ptr, stats_ptr, draw_ptr, state_ptr, gamma, gamma_ptr,
-    mix, mix_ptr, V, stride_c, stride_u, n_splits,
-    MODE: tl.constexpr, GAMMA_PER_ROW: tl.constexpr, MIX_PER_ROW: tl.constexpr,
-    LOGPROBS: tl.constexpr, MAX_SPLITS: tl.constexpr,
+    c_ptr, u_ptr, tokens_ptr, logprobs_ptr, stats_ptr, draw_ptr, state_ptr, gamma_ptr, mix_ptr,
+    temp_ptr, V, stride_c, stride_u, n_splits,
+    MODE: tl.constexpr, LOGPROBS: tl.constexpr, MAX_SPLITS: tl.constexpr,
 ):
     row = tl.program_id(0)
     state = state_ptr + row * _STATE
     if tl.load(state + 0) == 0.0:
         return
-    row, c_row, u_row, gamma = _row_start(c_ptr, u_ptr, stride_c, stride_u, gamma, gamma_ptr,
-                                          GAMMA_PER_ROW)
-    if MIX_PER_ROW:
-        mix = tl.load(mix_ptr + row)
+    row, c_row, u_row, gamma, mix, temp = _sample_row(c_ptr, u_ptr, stride_c, stride_u, gamma_ptr,
+                                                      mix_ptr, temp_ptr)
     draw_row = draw_ptr + row * n_splits * _DRAW_STATS
     token = _split_best(draw_row, 0, n_splits, _DRAW_STATS, MAX_SPLITS)
     tl.store(tokens_ptr + row, token.to(tl.int64))
@@ -325,41 +313,80 @@ def _sample_draw_finish_kernel(
         tl.store(logprobs_ptr + row, (s - tl.load(state + 2)) * tl.load(state + 3) - tl.log(mass))
 
 
-def launch(cond, uncond, keys, tokens, logprobs, stats, draw, state, mode, gamma, gamma_rows, mix,
-           mix_rows, temp, temp_rows, min_p, min_p_rows, noise, n_splits, split_len, key=None):
+def launch(cond, uncond, keys, tokens, logprobs, stats, draw, state, mode, gamma, mix, temp, min_p,
+           noise, n_splits, split_len, key=None):
     """Draws one token per row of `[B, V]` row-strided `cond`/`uncond` into int64 `tokens` `[B]`
     (and fp32 `logprobs` `[B]` unless it is None).
 
-    `keys`: int64 `[B]` row keys (`cfg_triton.rng.row_keys`). Scratch: fp32 `stats` of
-    `B * n_splits * SAMPLE_STATS`, `draw` of `B * n_splits * DRAW_STATS` and `state` of
-    `B * STATE` floats. Each parameter is a float, or a fp32 `[B]` tensor in its `*_rows` (then
-    the float is ignored); `min_p` None is no min-p filter. `noise` False: every row is greedy
-    (temperature 0) and no noise is computed. `key` as in `guidance.launch`.
+    `keys`: int64 `[B]` row keys (`cfg_triton.rng.row_keys`). `gamma`, `mix`, `temp`: fp32 `[B]`;
+    `min_p`: fp32 `[B]`, or None for no min-p filter. `noise` False: every row is greedy
+    (temperature 0) and no noise is computed. Scratch: fp32 `stats` of `B * n_splits *
+    SAMPLE_STATS`, `draw` of `B * n_splits * DRAW_STATS` and `state` of `B * STATE` floats.
+    `key` as in `guidance.launch`.
     """
     batch, vocab = cond.shape
     grid = (batch, n_splits)
-    flags = dict(MODE=mode, GAMMA_PER_ROW=gamma_rows is not None,
-                 MIX_PER_ROW=mix_rows is not None and mode == INTERPOLATED)
-    mix_rows = mix_rows if flags["MIX_PER_ROW"] else None
-    per_t = dict(TEMP_PER_ROW=temp_rows is not None)
+    rows = (gamma, mix, temp)
+    shape = (vocab, cond.stride(0), uncond.stride(0))
     with_logprobs = logprobs is not None
-    strides = (vocab, cond.stride(0), uncond.stride(0))
     _run(_sample_stats_kernel, grid, key and ("sample-stats",) + key,
-         (cond, uncond, stats, keys, gamma, gamma_rows, mix, mix_rows, temp, temp_rows, *strides,
-          split_len),
-         dict(**flags, **per_t, NOISE=noise, PARTITION=with_logprobs, BLOCK=BLOCK))
-    filtered = min_p is not None
+         (cond, uncond, stats, keys, *rows, *shape, split_len),
+         dict(MODE=mode, NOISE=noise, PARTITION=with_logprobs, BLOCK=BLOCK), num_warps=STATS_WARPS)
     _run(_sample_finish_kernel, (batch,), key and ("sample-finish",) + key,
-         (cond, uncond, tokens, logprobs, stats, state, keys, gamma, gamma_rows, mix, mix_rows, temp,
-          temp_rows, min_p or 0.0, min_p_rows, *strides, n_splits),
-         dict(**flags, **per_t, MIN_P=filtered, MIN_P_PER_ROW=min_p_rows is not None, NOISE=noise,
-              LOGPROBS=with_logprobs, MAX_SPLITS=MAX_SPLITS))
-    if filtered and noise:
+         (cond, uncond, tokens, logprobs, stats, state, keys, *rows, min_p, *shape, n_splits),
+         dict(MODE=mode, MIN_P=min_p is not None, NOISE=noise, LOGPROBS=with_logprobs,
+              MAX_SPLITS=MAX_SPLITS))
+    if min_p is not None and noise:
         _run(_sample_draw_kernel, grid, key and ("sample-draw",) + key,
-             (cond, uncond, stats, draw, state, keys, gamma, gamma_rows, mix, mix_rows, temp,
-              temp_rows, *strides, split_len, n_splits),
-             dict(**flags, **per_t, MAX_SPLITS=MAX_SPLITS, BLOCK=BLOCK))
+             (cond, uncond, stats, draw, state, keys, *rows, *shape, split_len, n_splits),
+             dict(MODE=mode, MAX_SPLITS=MAX_SPLITS, BLOCK=BLOCK))
         _run(_sample_draw_finish_kernel, (batch,), key and ("sample-draw-finish",) + key,
-             (cond, uncond, tokens, logprobs, stats, draw, state, gamma, gamma_rows, mix, mix_rows,
-              *strides, n_splits),
-             dict(**flags, LOGPROBS=with_logprobs, MAX_SPLITS=MAX_SPLITS))
+             (cond, uncond, tokens, logprobs, stats, draw, state, *rows, *shape, n_splits),
+             dict(MODE=mode, LOGPROBS=with_logprobs, MAX_SPLITS=MAX_SPLITS))
+
+
+def specializations():
+    """Every (kernel, signature, constexprs, num_warps) that `launch` can produce, for AOT checks
+    (see `guidance.specializations`)."""
+    rows = {"gamma_ptr": "*fp32", "mix_ptr": "*fp32", "temp_ptr": "*fp32"}
+    shape = {"V": "i32", "stride_c": "i32", "stride_u": "i32"}
+    for in_t in ("*fp32", "*fp16", "*bf16"):
+        logits = {"c_ptr": in_t, "u_ptr": in_t}
+        for mode in (RAW, NORMALIZED, INTERPOLATED):
+            for noise in (False, True):
+                for partition in (False, True):
+                    yield (_sample_stats_kernel,
+                           {**logits, "stats_ptr": "*fp32", "keys_ptr": "*i64", **rows, **shape,
+                            "split_len": "i32", "MODE": "constexpr", "NOISE": "constexpr",
+                            "PARTITION": "constexpr", "BLOCK": "constexpr"},
+                           dict(MODE=mode, NOISE=noise, PARTITION=partition, BLOCK=BLOCK), STATS_WARPS)
+                    for with_min_p in (False, True):
+                        flags = dict(MODE=mode, MIN_P=with_min_p, NOISE=noise, LOGPROBS=partition,
+                                     MAX_SPLITS=MAX_SPLITS)
+                        if not partition:
+                            flags["logprobs_ptr"] = None
+                        if not with_min_p:
+                            flags["min_p_ptr"] = None
+                        yield (_sample_finish_kernel,
+                               {**logits, "tokens_ptr": "*i64",
+                                "logprobs_ptr": "*fp32" if partition else "constexpr",
+                                "stats_ptr": "*fp32", "state_ptr": "*fp32", "keys_ptr": "*i64", **rows,
+                                "min_p_ptr": "*fp32" if with_min_p else "constexpr", **shape,
+                                "n_splits": "i32", "MODE": "constexpr", "MIN_P": "constexpr",
+                                "NOISE": "constexpr", "LOGPROBS": "constexpr", "MAX_SPLITS": "constexpr"},
+                               flags, NUM_WARPS)
+            yield (_sample_draw_kernel,
+                   {**logits, "stats_ptr": "*fp32", "draw_ptr": "*fp32", "state_ptr": "*fp32",
+                    "keys_ptr": "*i64", **rows, **shape, "split_len": "i32", "n_splits": "i32",
+                    "MODE": "constexpr", "MAX_SPLITS": "constexpr", "BLOCK": "constexpr"},
+                   dict(MODE=mode, MAX_SPLITS=MAX_SPLITS, BLOCK=BLOCK), NUM_WARPS)
+            for with_logprobs in (False, True):
+                flags = dict(MODE=mode, LOGPROBS=with_logprobs, MAX_SPLITS=MAX_SPLITS)
+                if not with_logprobs:
+                    flags["logprobs_ptr"] = None
+                yield (_sample_draw_finish_kernel,
+                       {**logits, "tokens_ptr": "*i64",
+                        "logprobs_ptr": "*fp32" if with_logprobs else "constexpr", "stats_ptr": "*fp32",
+                        "draw_ptr": "*fp32", "state_ptr": "*fp32", **rows, **shape, "n_splits": "i32",
+                        "MODE": "constexpr", "LOGPROBS": "constexpr", "MAX_SPLITS": "constexpr"},
+                       flags, NUM_WARPS)

@@ -196,3 +196,58 @@ def test_inductor_fullgraph_against_reference():
     got = compiled(scores.to(DEVICE)).cpu()
     want = expected(scores[:2], scores[2:], 1.5, mix=0.7).softmax(-1)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("semantics", SEMANTICS)
+def test_token_logprobs_on_device(semantics):
+    shape = (64, 49_152) if ON_GPU else (5, 3_001)
+    cond, uncond = logits(*shape, torch.bfloat16), logits(*shape, torch.bfloat16)
+    uncond[0, :100] = NEG_INF
+    targets = torch.randint(0, shape[1], (shape[0],))
+    targets[1] = expected(cond, uncond, 1.5, **SEMANTICS[semantics])[1].argmax()
+    lp, greedy = cfg_triton.token_logprobs(*_dev(cond, uncond, targets), 1.5, **SEMANTICS[semantics])
+    ref = expected(cond, uncond, 1.5, **SEMANTICS[semantics])
+    assert_matches(lp.cpu()[:, None], ref.gather(1, targets[:, None]), scale=ref.abs().max().item())
+    assert torch.equal(greedy.cpu(), ref.argmax(-1) == targets)
+
+
+@pytest.mark.parametrize("min_p", [None, 0.05])
+@pytest.mark.parametrize("semantics", SEMANTICS)
+def test_sample_on_device_draws_the_torch_paths_tokens(semantics, min_p):
+    shape = (64, 128_256) if ON_GPU else (4, 3_001)
+    cond, uncond = logits(*shape), logits(*shape)
+    uncond[1, :50] = NEG_INF
+    temperature = torch.linspace(0, 2, shape[0])
+    kw = dict(SEMANTICS[semantics], min_p=min_p, seed=7, step=3, return_logprobs=True)
+    got = cfg_triton.sample(*_dev(cond, uncond), 1.5, temperature=temperature.to(DEVICE), **kw)
+    os.environ["TRITON_INTERPRET"] = "0"  # the torch path on CPU tensors
+    try:
+        want = cfg_triton.sample(cond, uncond, 1.5, temperature=temperature, **kw)
+    finally:
+        os.environ["TRITON_INTERPRET"] = "0" if ON_GPU else "1"
+    assert (got.tokens.cpu() == want.tokens).float().mean() >= (0.98 if ON_GPU else 1.0)
+    same = got.tokens.cpu() == want.tokens
+    torch.testing.assert_close(got.logprobs.cpu()[same], want.logprobs[same].float(), rtol=1e-3, atol=1e-3)
+
+
+@cuda_only
+def test_sample_is_captured_in_a_cuda_graph():
+    """A decode step's draw replays from a CUDA graph: seed and step live on the device."""
+    cond, uncond = _dev(logits(8, 128_256, torch.bfloat16), logits(8, 128_256, torch.bfloat16))
+    seed = torch.arange(8, device=DEVICE)
+    step = torch.zeros(8, dtype=torch.long, device=DEVICE)
+    kw = dict(temperature=0.9, min_p=0.05, seed=seed, step=step)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        cfg_triton.sample(cond, uncond, 1.5, **kw)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens = cfg_triton.sample(cond, uncond, 1.5, **kw)
+    for t in range(3):
+        step.fill_(t)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = cfg_triton.sample(cond, uncond, 1.5, temperature=0.9, min_p=0.05, seed=seed, step=t)
+        assert torch.equal(tokens, eager)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import cfg_triton
-from cfg_triton import reference
+from cfg_triton import reference, rng
 
 pytestmark = pytest.mark.model
 
@@ -320,29 +320,44 @@ def test_scale_one_is_plain_decoding_with_one_branch(smollm2):
 
 
 def test_sampling_equals_a_literal_loop_at_the_same_seed(smollm2):
-    """do_sample with temperature, top-k and top-p: the same draws as a literal loop that applies
-    transformers' warpers to the float64 reference and samples with the same generator."""
+    """do_sample with temperature, top-k, top-p and min-p: the same draws as a literal loop that
+    applies transformers' warpers to the float64 reference and takes the Gumbel-max with the noise
+    of `cfg_triton.rng` keyed by (seed, row, step)."""
     from transformers.generation import logits_process as hf
 
     model, tok = smollm2
     ids, neg = _ids(tok, PROMPTS[0]), _ids(tok, NEGATIVES[0])
-    warpers = [hf.TemperatureLogitsWarper(0.7), hf.TopKLogitsWarper(40), hf.TopPLogitsWarper(0.8)]
-    gen = torch.Generator().manual_seed(5)
+    warpers = [hf.TemperatureLogitsWarper(0.7), hf.TopKLogitsWarper(40), hf.TopPLogitsWarper(0.8),
+               hf.MinPLogitsWarper(0.05)]
     cond_seq, uncond_seq = ids, neg
     with torch.no_grad():
-        for _ in range(NEW):
+        for step in range(NEW):
             c = model(cond_seq).logits[:, -1].double()
             u = model(uncond_seq).logits[:, -1].double()
-            scores = reference.normalized_cfg(c, u, 1.5).float()
+            scores = reference.normalized_cfg(c, u, 1.5)
             scores[:, model.generation_config.eos_token_id] = float("-inf")
             for warp in warpers:
                 scores = warp(cond_seq, scores)
-            token = torch.multinomial(scores.softmax(-1), 1, generator=gen)
+            noise = rng.gumbel(rng.row_keys(torch.tensor([5]), torch.tensor([step])), scores.shape[1])
+            token = (scores + noise.double()).argmax(-1, keepdim=True)
             cond_seq, uncond_seq = torch.cat([cond_seq, token], 1), torch.cat([uncond_seq, token], 1)
     ours = cfg_triton.generate(model, ids, negative_input_ids=neg, guidance_scale=1.5, do_sample=True,
-                               temperature=0.7, top_k=40, top_p=0.8, max_new_tokens=NEW,
-                               min_new_tokens=NEW, generator=torch.Generator().manual_seed(5))
+                               temperature=0.7, top_k=40, top_p=0.8, min_p=0.05, max_new_tokens=NEW,
+                               min_new_tokens=NEW, seed=5)
     assert ours.tolist() == cond_seq.tolist()
+
+
+def test_seed_reproduces_sampling_and_generator_still_works(tiny_llama):
+    ids = torch.randint(2, 512, (2, 5))
+    kw = dict(do_sample=True, temperature=3.0, max_new_tokens=6, min_new_tokens=6)
+    a = cfg_triton.generate(tiny_llama, ids, seed=11, **kw)
+    assert a.tolist() == cfg_triton.generate(tiny_llama, ids, seed=11, **kw).tolist()
+    assert a.tolist() != cfg_triton.generate(tiny_llama, ids, seed=12, **kw).tolist()
+    g1 = cfg_triton.generate(tiny_llama, ids, generator=torch.Generator().manual_seed(4), **kw)
+    g2 = cfg_triton.generate(tiny_llama, ids, generator=torch.Generator().manual_seed(4), **kw)
+    assert g1.tolist() == g2.tolist()
+    with pytest.raises(TypeError, match="seed"):
+        cfg_triton.generate(tiny_llama, ids, seed=1.5, **kw)
 
 
 def test_eos_is_allowed_exactly_at_step_min_new_tokens(tiny_llama):
