@@ -115,9 +115,9 @@ def sample(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale, *, mix=None
         out = Sample(torch.empty(0, dtype=torch.int64, device=cond.device),
                      torch.empty(0, dtype=dtype, device=cond.device))
         return out if return_logprobs else out.tokens
-    if uses_triton(cond) and top_k is None and top_p is None:
+    if uses_triton(cond):
         out = _run_triton(cond, uncond, keys, mode, gamma, gamma_rows, mix_value, mix_rows, temp,
-                          temp_rows, min_p, return_logprobs)
+                          temp_rows, min_p, top_k, top_p, return_logprobs)
     else:
         out = _torch_path(cond, uncond, keys, mode, gamma, gamma_rows, mix_value, mix_rows, temp,
                           temp_rows, top_k, top_p, min_p)
@@ -133,28 +133,33 @@ def _rows(scalar, rows, batch, device):
 
 
 def _run_triton(cond, uncond, keys, mode, gamma, gamma_rows, mix, mix_rows, temp, temp_rows, min_p,
-                return_logprobs):
+                top_k, top_p, return_logprobs):
     batch, vocab = cond.shape
     device = cond.device
+    k = _kernels
     n_splits, split_len = _guidance_kernels.plan(batch, vocab, _num_sms(device))
-    need = batch * (n_splits * (_kernels.SAMPLE_STATS + _kernels.DRAW_STATS) + _kernels.STATE)
-    scratch = _stats_scratch(device, need)
-    stats = scratch[: batch * n_splits * _kernels.SAMPLE_STATS]
-    draw = scratch[stats.numel(): stats.numel() + batch * n_splits * _kernels.DRAW_STATS]
-    state = scratch[stats.numel() + draw.numel(): need]
+    sizes = [batch * n_splits * k.SAMPLE_STATS, batch * n_splits * k.DRAW_STATS, batch * k.STATE,
+             batch * n_splits * k.PIVOTS * 2]
+    stats, draw, state, part = torch.split(_stats_scratch(device, sum(sizes))[: sum(sizes)], sizes)
+    istate = torch.zeros(batch * k.ISTATE, dtype=torch.int64, device=device)
     tokens = torch.empty(batch, dtype=torch.int64, device=device)
     logprobs = torch.empty(batch, dtype=torch.float32, device=device) if return_logprobs else None
     noise = temp_rows is not None or temp > 0
+    filtered = top_k is not None or top_p is not None
     params = [_rows(gamma, gamma_rows, batch, device), _rows(mix, mix_rows, batch, device),
               _rows(temp, temp_rows, batch, device),
-              None if min_p is None else _rows(*min_p, batch, device)]
+              None if min_p is None else _rows(*min_p, batch, device),
+              None if not filtered else (top_k if top_k is not None else
+                                         torch.zeros(batch, dtype=torch.int64, device=device)),
+              None if not filtered else _rows(*(top_p or (1.0, None)), batch, device)]
     key = None
     if cond.is_cuda:  # see ops._run_triton: everything Triton specializes on (fresh tensors align)
         key = (device.index, mode, cond.dtype, batch, vocab, cond.stride(0), uncond.stride(0),
-               n_splits, _aligned(cond) and _aligned(uncond), min_p is None, noise, return_logprobs)
+               n_splits, _aligned(cond) and _aligned(uncond), min_p is None, filtered, noise,
+               return_logprobs)
     with torch.cuda.device(device) if cond.is_cuda else contextlib.nullcontext():
-        _kernels.launch(cond, uncond, keys, tokens, logprobs, stats, draw, state, mode, *params, noise,
-                        n_splits, split_len, key)
+        k.launch(cond, uncond, keys, tokens, logprobs, stats, draw, state, istate, part, mode,
+                 *params, noise, n_splits, split_len, key)
     if logprobs is None:
         logprobs = torch.full((batch,), float("nan"), device=device)
     return Sample(tokens, logprobs)

@@ -273,8 +273,8 @@ def plan(batch: int, vocab: int, num_sms: int) -> tuple[int, int]:
 _compiled = {}
 
 
-def _run(kernel, grid, key, args, constexprs, num_warps=NUM_WARPS):
-    """Launches `kernel(*args, **constexprs)` on `grid` with `num_warps` warps.
+def _run(kernel, grid, key, args, constexprs):
+    """Launches `kernel(*args, **constexprs)` on `grid`.
 
     The first launch of a specialization goes through Triton's JIT, which compiles it and returns the
     compiled kernel; later launches with the same `key` call that compiled kernel directly, with every
@@ -285,7 +285,7 @@ def _run(kernel, grid, key, args, constexprs, num_warps=NUM_WARPS):
     if runner is not None:
         runner(*args, *constexprs.values())
         return
-    compiled = kernel[grid](*args, **constexprs, num_warps=num_warps)
+    compiled = kernel[grid](*args, **constexprs, num_warps=NUM_WARPS)
     if key is not None and compiled is not None and hasattr(compiled, "__getitem__"):
         _compiled[key] = compiled[grid]
 

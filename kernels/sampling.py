@@ -24,15 +24,30 @@ from cfg_triton.modes import INTERPOLATED, NORMALIZED, RAW
 
 from .guidance import (BLOCK, MAX_SPLITS, NUM_WARPS, _empty_stats, _fold_tile, _guided, _load_tile,
                        _online_step, _row_constants, _row_start, _run, _store_stats)
-from .token_logprobs import STATS_WARPS, _NO_INDEX, _fold_best, _score_at, _split_best
+from .token_logprobs import STATS_BLOCK, _NO_INDEX, _fold_best, _score_at, _split_best
 
 _INTERPOLATED = tl.constexpr(INTERPOLATED)
 SAMPLE_STATS = 20
 _SAMPLE_STATS = tl.constexpr(SAMPLE_STATS)
 DRAW_STATS = 4  # per (row, split) of the draw pass: best, index, max, sum
 _DRAW_STATS = tl.constexpr(DRAW_STATS)
-STATE = 4  # per row between passes: pending (1.0 or 0.0), threshold, s_max, 1/T
+# Per row between passes, fp32: pending draw (1.0 or 0.0), its threshold, s_max, 1/T, the
+# unfiltered draw's score, the top-k mass Z_k, the min-p threshold, the mass at the search's lo.
+STATE = 8
 _STATE = tl.constexpr(STATE)
+# Per row, int64: search phase, lo, hi (order-preserving int codes of fp32 scores).
+ISTATE = 4
+_ISTATE = tl.constexpr(ISTATE)
+_IDLE = tl.constexpr(0)
+_CHECK = tl.constexpr(1)
+_TOP_K = tl.constexpr(2)
+_TOP_P = tl.constexpr(3)
+PIVOTS = 64
+SEARCH_BLOCK = 128
+# A search narrows a code interval of at most 2**32 by a factor PIVOTS per pass: 6 passes per
+# threshold, after one pass that checks the unfiltered draw.
+SEARCH_PASSES = 1 + 6 + 6
+_CODE_MIN = tl.constexpr(-2139095040)  # the code of -FLT_MAX; -inf is one below
 
 
 @triton.jit
@@ -91,7 +106,7 @@ def _sample_stats_kernel(
     z_live_max, z_masked_max = float("-inf"), float("-inf")
     z_live = tl.zeros([BLOCK], dtype=tl.float32)
     z_masked = tl.zeros([BLOCK], dtype=tl.float32)
-    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    bad = 0
     start = split * split_len
     end = tl.minimum(start + split_len, V)
     for offset in range(start, end, BLOCK):
@@ -115,10 +130,11 @@ def _sample_stats_kernel(
             z_live = z_live * scale + e
             z_masked_max, scale, e = _online_step(z_masked_max, masked_key * inv_t)
             z_masked = z_masked * scale + e
-        bad += ((c != c) | (u != u) | (c == float("inf")) | (u == float("inf"))).to(tl.int32)
+        bad += tl.sum(((c != c) | (u != u) | (c == float("inf")) | (u == float("inf"))).to(tl.int32),
+                      axis=0)
     out = stats_ptr + (row * tl.num_programs(1) + split) * _SAMPLE_STATS
     _store_stats(out, c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum)
-    tl.store(out + 7, tl.sum(bad, axis=0).to(tl.float32))
+    tl.store(out + 7, bad.to(tl.float32))
     if NOISE:  # without noise, nothing reads slots 8-11
         tl.store(out + 8, noisy_live)
         tl.store(out + 9, noisy_live_idx.to(tl.float32, bitcast=True))
@@ -176,9 +192,9 @@ def _key_at(c_row, u_row, i, kappa, MASKED: tl.constexpr):
 @triton.jit
 def _sample_finish_kernel(
     c_ptr, u_ptr, tokens_ptr, logprobs_ptr, stats_ptr, state_ptr, keys_ptr, gamma_ptr, mix_ptr,
-    temp_ptr, min_p_ptr, V, stride_c, stride_u, n_splits,
+    temp_ptr, min_p_ptr, istate_ptr, V, stride_c, stride_u, n_splits,
     MODE: tl.constexpr, MIN_P: tl.constexpr, NOISE: tl.constexpr, LOGPROBS: tl.constexpr,
-    MAX_SPLITS: tl.constexpr,
+    FILTERS: tl.constexpr, MAX_SPLITS: tl.constexpr,
 ):
     row, c_row, u_row, gamma, mix, temp = _sample_row(c_ptr, u_ptr, stride_c, stride_u, gamma_ptr,
                                                       mix_ptr, temp_ptr)
@@ -241,11 +257,162 @@ def _sample_finish_kernel(
             redraw = redraw | (threshold > float("-inf"))
         pending = tl.where(redraw & (dead == 0), 1.0, 0.0)
     state = state_ptr + row * _STATE
+    if FILTERS:  # top-k / top-p: the search passes check the draw, and find the threshold if needed
+        tl.store(istate_ptr + row * _ISTATE, tl.where((temp > 0) & (dead == 0), _CHECK, _IDLE).to(tl.int64))
+        tl.store(state + 4, score)
+        tl.store(state + 6, threshold)
+        pending = 0.0
     tl.store(state + 0, pending)
     tl.store(state + 1, threshold)
     tl.store(state + 2, s_max)
     tl.store(state + 3, inv_t)
     tl.store(tokens_ptr + row, tl.where(dead, -1, token).to(tl.int64))
+
+
+@triton.jit
+def _code(s):
+    """Order-preserving int32 codes of fp32 values (-0.0 counts as +0.0)."""
+    bits = (s + 0.0).to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _value(code):
+    """The fp32 value of an int code (`_code`'s inverse)."""
+    bits = code.to(tl.int32)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pivots(phase, lo, hi, s_x0, PIVOTS: tl.constexpr):
+    """Where a pass counts `code >= pivot`: evenly inside (lo, hi) while searching; while checking
+    the unfiltered draw x0, just above its code, at it, and at the lowest finite code."""
+    j = tl.arange(0, PIVOTS).to(tl.int64)
+    search = lo + 1 + (j * (hi - lo - 1)) // PIVOTS
+    x0 = _code(s_x0).to(tl.int64)
+    check = tl.where(j == 0, x0 + 1, tl.where(j == 1, x0, _CODE_MIN))
+    return tl.where(phase == _CHECK, check, search)
+
+
+@triton.jit
+def _sample_search_kernel(
+    c_ptr, u_ptr, stats_ptr, part_ptr, state_ptr, istate_ptr, gamma_ptr, mix_ptr, temp_ptr,
+    V, stride_c, stride_u, split_len, n_splits,
+    MODE: tl.constexpr, MAX_SPLITS: tl.constexpr, PIVOTS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One re-read for rows still searching: per pivot, the count and the mass (Σ exp((s - s_max)
+    / T)) of tokens whose score's code is at least the pivot, per split."""
+    row = tl.program_id(0)
+    phase = tl.load(istate_ptr + row * _ISTATE)
+    if phase == _IDLE:
+        return
+    lo = tl.load(istate_ptr + row * _ISTATE + 1)
+    hi = tl.load(istate_ptr + row * _ISTATE + 2)
+    row, c_row, u_row, gamma, mix, temp = _sample_row(c_ptr, u_ptr, stride_c, stride_u, gamma_ptr,
+                                                      mix_ptr, temp_ptr)
+    split = tl.program_id(1)
+    state = state_ptr + row * _STATE
+    s_max = tl.load(state + 2)
+    inv_t = tl.load(state + 3)
+    pivots = _pivots(phase, lo, hi, tl.load(state + 4), PIVOTS)
+    c_ref, u_ref, lse_c, live_const, masked_const = _row_constants(
+        stats_ptr + row * n_splits * _SAMPLE_STATS, n_splits, gamma, _SAMPLE_STATS, MODE, MAX_SPLITS)
+    lanes = tl.arange(0, BLOCK)
+    count = tl.zeros([PIVOTS], dtype=tl.float32)
+    mass = tl.zeros([PIVOTS], dtype=tl.float32)
+    start = split * split_len
+    end = tl.minimum(start + split_len, V)
+    for offset in range(start, end, BLOCK):
+        c, u, inside = _load_tile(c_row, u_row, offset + lanes, end)
+        s = _guided(c, u, gamma, mix, c_ref, u_ref, lse_c, live_const, masked_const, MODE)
+        weight = tl.exp((s - s_max) * inv_t)  # 0 for masked tokens, whose code is below every pivot
+        above = _code(s).to(tl.int64)[:, None] >= pivots[None, :]
+        count += tl.sum(above.to(tl.float32), axis=0)
+        mass += tl.sum(tl.where(above, weight[:, None], 0.0), axis=0)
+    out = part_ptr + ((row * n_splits + split) * PIVOTS + tl.arange(0, PIVOTS)) * 2
+    tl.store(out, count)
+    tl.store(out + 1, mass)
+
+
+@triton.jit
+def _bisect(values, target, pivots, lo, hi, PIVOTS: tl.constexpr):
+    """Narrows (lo, hi), where F(lo) >= target > F(hi) for a decreasing F, with F at the pivots:
+    (new lo, new hi, index of the pivot that became lo or -1)."""
+    j = tl.arange(0, PIVOTS)
+    reached = values >= target  # a prefix of the increasing pivots
+    new_lo = tl.max(tl.where(reached, pivots, lo), axis=0)
+    new_hi = tl.min(tl.where(reached, hi, pivots), axis=0)
+    return new_lo, new_hi, tl.max(tl.where(reached, j, -1), axis=0)
+
+
+@triton.jit
+def _at(values, index, PIVOTS: tl.constexpr):
+    return tl.sum(tl.where(tl.arange(0, PIVOTS) == index, values, 0.0), axis=0)
+
+
+@triton.jit
+def _sample_step_kernel(
+    part_ptr, state_ptr, istate_ptr, top_k_ptr, top_p_ptr, n_splits,
+    LOGPROBS: tl.constexpr, MAX_SPLITS: tl.constexpr, PIVOTS: tl.constexpr,
+):
+    """Per row, after a search pass: merges the splits in order and moves the row's search on
+    (check -> top-k threshold -> top-p threshold -> a pending draw above the threshold)."""
+    row = tl.program_id(0)
+    ist = istate_ptr + row * _ISTATE
+    phase = tl.load(ist)
+    if phase == _IDLE:
+        return
+    state = state_ptr + row * _STATE
+    lo = tl.load(ist + 1)
+    hi = tl.load(ist + 2)
+    s_max = tl.load(state + 2)
+    pivots = _pivots(phase, lo, hi, tl.load(state + 4), PIVOTS)
+    sp = tl.arange(0, MAX_SPLITS)[:, None]
+    part = part_ptr + ((row * n_splits + sp) * PIVOTS + tl.arange(0, PIVOTS)[None, :]) * 2
+    count = tl.sum(tl.load(part, mask=sp < n_splits, other=0.0), axis=0)
+    mass = tl.sum(tl.load(part + 1, mask=sp < n_splits, other=0.0), axis=0)
+    k = tl.load(top_k_ptr + row).to(tl.float32)
+    p = tl.load(top_p_ptr + row)
+    p_on = p < 1.0
+    min_p_floor = tl.load(state + 6)
+    top = _code(s_max).to(tl.int64) + 1
+    next_phase = phase
+    threshold = float("-inf")
+    if phase == _CHECK:
+        total = _at(mass, 2, PIVOTS)
+        k_on = (k > 0) & (k < _at(count, 2, PIVOTS))  # k at least the finite tokens keeps them all
+        above = _at(mass, 0, PIVOTS)
+        # With top-k, top-p's mass is the top-k set's, at least the mass at or above x0: a
+        # sufficient test here, the exact one after the searches.
+        ok_p = tl.where(k_on, above < p * _at(mass, 1, PIVOTS), above < p * total)
+        accept = ((k_on == 0) | (_at(count, 0, PIVOTS) < k)) & ((p_on == 0) | ok_p) \
+            & (tl.load(state + 4) >= min_p_floor)
+        if LOGPROBS:  # a filtered log-probability needs the kept mass: the draw pass sums it
+            accept = accept & (k_on == 0) & (p_on == 0) & (min_p_floor == float("-inf"))
+        next_phase = tl.where(accept, _IDLE, tl.where(k_on, _TOP_K, tl.where(p_on, _TOP_P, _IDLE)))
+        threshold = min_p_floor
+        tl.store(ist + 1, lo * 0 + _CODE_MIN)  # both searches start from the lowest finite code
+        tl.store(ist + 2, top)
+        tl.store(state + 5, total)
+        tl.store(state + 7, total)
+        tl.store(state + 0, tl.where(accept | (next_phase != _IDLE), 0.0, 1.0))
+    else:
+        target = tl.where(phase == _TOP_K, k, p * tl.load(state + 5))
+        values = tl.where(phase == _TOP_K, count, mass)
+        new_lo, new_hi, j_lo = _bisect(values, target, pivots, lo, hi, PIVOTS)
+        mass_lo = tl.where(j_lo >= 0, _at(mass, j_lo, PIVOTS), tl.load(state + 7))
+        done = new_hi == new_lo + 1
+        to_top_p = done & (phase == _TOP_K) & p_on
+        # Entering the top-p search: its lo is the top-k threshold, its target p times that mass.
+        tl.store(state + 5, tl.where(to_top_p, mass_lo, tl.load(state + 5)))
+        tl.store(state + 7, mass_lo)
+        tl.store(ist + 1, new_lo)
+        tl.store(ist + 2, tl.where(to_top_p, top, new_hi))
+        next_phase = tl.where(done, tl.where(to_top_p, _TOP_P, _IDLE), phase)
+        threshold = tl.maximum(_value(new_lo), min_p_floor)
+        tl.store(state + 0, tl.where(done & (to_top_p == 0), 1.0, 0.0))
+    tl.store(ist, next_phase.to(tl.int64))
+    tl.store(state + 1, threshold)
 
 
 @triton.jit
@@ -313,30 +480,44 @@ def _sample_draw_finish_kernel(
         tl.store(logprobs_ptr + row, (s - tl.load(state + 2)) * tl.load(state + 3) - tl.log(mass))
 
 
-def launch(cond, uncond, keys, tokens, logprobs, stats, draw, state, mode, gamma, mix, temp, min_p,
-           noise, n_splits, split_len, key=None):
+def launch(cond, uncond, keys, tokens, logprobs, stats, draw, state, istate, part, mode, gamma, mix,
+           temp, min_p, top_k, top_p, noise, n_splits, split_len, key=None):
     """Draws one token per row of `[B, V]` row-strided `cond`/`uncond` into int64 `tokens` `[B]`
     (and fp32 `logprobs` `[B]` unless it is None).
 
     `keys`: int64 `[B]` row keys (`cfg_triton.rng.row_keys`). `gamma`, `mix`, `temp`: fp32 `[B]`;
-    `min_p`: fp32 `[B]`, or None for no min-p filter. `noise` False: every row is greedy
-    (temperature 0) and no noise is computed. Scratch: fp32 `stats` of `B * n_splits *
-    SAMPLE_STATS`, `draw` of `B * n_splits * DRAW_STATS` and `state` of `B * STATE` floats.
-    `key` as in `guidance.launch`.
+    `min_p`: fp32 `[B]` or None; `top_k` (int64 `[B]`, 0 = off) and `top_p` (fp32 `[B]`, 1 = off):
+    both or neither None. `noise` False: every row is greedy (temperature 0) and no noise is
+    computed. Scratch (fp32 unless said): `stats` of `B * n_splits * SAMPLE_STATS`, `draw` of
+    `B * n_splits * DRAW_STATS`, `state` of `B * STATE`, int64 `istate` of `B * ISTATE` and `part`
+    of `B * n_splits * PIVOTS * 2`. `key` as in `guidance.launch`.
+
+    Launches a fixed sequence whatever the data (statistics, finish, then with top-k/top-p
+    SEARCH_PASSES search and step passes, then with any filter a draw and its finish): rows with
+    nothing left to do return at once, so the sequence never waits on the host.
     """
     batch, vocab = cond.shape
     grid = (batch, n_splits)
     rows = (gamma, mix, temp)
     shape = (vocab, cond.stride(0), uncond.stride(0))
     with_logprobs = logprobs is not None
+    filters = top_k is not None and noise
     _run(_sample_stats_kernel, grid, key and ("sample-stats",) + key,
          (cond, uncond, stats, keys, *rows, *shape, split_len),
-         dict(MODE=mode, NOISE=noise, PARTITION=with_logprobs, BLOCK=BLOCK), num_warps=STATS_WARPS)
+         dict(MODE=mode, NOISE=noise, PARTITION=with_logprobs, BLOCK=STATS_BLOCK))
     _run(_sample_finish_kernel, (batch,), key and ("sample-finish",) + key,
-         (cond, uncond, tokens, logprobs, stats, state, keys, *rows, min_p, *shape, n_splits),
+         (cond, uncond, tokens, logprobs, stats, state, keys, *rows, min_p, istate, *shape, n_splits),
          dict(MODE=mode, MIN_P=min_p is not None, NOISE=noise, LOGPROBS=with_logprobs,
-              MAX_SPLITS=MAX_SPLITS))
-    if min_p is not None and noise:
+              FILTERS=filters, MAX_SPLITS=MAX_SPLITS))
+    if filters:
+        for _ in range(SEARCH_PASSES):
+            _run(_sample_search_kernel, grid, key and ("sample-search",) + key,
+                 (cond, uncond, stats, part, state, istate, *rows, *shape, split_len, n_splits),
+                 dict(MODE=mode, MAX_SPLITS=MAX_SPLITS, PIVOTS=PIVOTS, BLOCK=SEARCH_BLOCK))
+            _run(_sample_step_kernel, (batch,), key and ("sample-step",) + key,
+                 (part, state, istate, top_k, top_p, n_splits),
+                 dict(LOGPROBS=with_logprobs, MAX_SPLITS=MAX_SPLITS, PIVOTS=PIVOTS))
+    if (min_p is not None or filters) and noise:
         _run(_sample_draw_kernel, grid, key and ("sample-draw",) + key,
              (cond, uncond, stats, draw, state, keys, *rows, *shape, split_len, n_splits),
              dict(MODE=mode, MAX_SPLITS=MAX_SPLITS, BLOCK=BLOCK))
@@ -359,22 +540,32 @@ def specializations():
                            {**logits, "stats_ptr": "*fp32", "keys_ptr": "*i64", **rows, **shape,
                             "split_len": "i32", "MODE": "constexpr", "NOISE": "constexpr",
                             "PARTITION": "constexpr", "BLOCK": "constexpr"},
-                           dict(MODE=mode, NOISE=noise, PARTITION=partition, BLOCK=BLOCK), STATS_WARPS)
+                           dict(MODE=mode, NOISE=noise, PARTITION=partition, BLOCK=STATS_BLOCK),
+                           NUM_WARPS)
                     for with_min_p in (False, True):
-                        flags = dict(MODE=mode, MIN_P=with_min_p, NOISE=noise, LOGPROBS=partition,
-                                     MAX_SPLITS=MAX_SPLITS)
-                        if not partition:
-                            flags["logprobs_ptr"] = None
-                        if not with_min_p:
-                            flags["min_p_ptr"] = None
-                        yield (_sample_finish_kernel,
-                               {**logits, "tokens_ptr": "*i64",
-                                "logprobs_ptr": "*fp32" if partition else "constexpr",
-                                "stats_ptr": "*fp32", "state_ptr": "*fp32", "keys_ptr": "*i64", **rows,
-                                "min_p_ptr": "*fp32" if with_min_p else "constexpr", **shape,
-                                "n_splits": "i32", "MODE": "constexpr", "MIN_P": "constexpr",
-                                "NOISE": "constexpr", "LOGPROBS": "constexpr", "MAX_SPLITS": "constexpr"},
-                               flags, NUM_WARPS)
+                        for filters in ((False, True) if noise else (False,)):
+                            flags = dict(MODE=mode, MIN_P=with_min_p, NOISE=noise, LOGPROBS=partition,
+                                         FILTERS=filters, MAX_SPLITS=MAX_SPLITS)
+                            if not partition:
+                                flags["logprobs_ptr"] = None
+                            if not with_min_p:
+                                flags["min_p_ptr"] = None
+                            yield (_sample_finish_kernel,
+                                   {**logits, "tokens_ptr": "*i64",
+                                    "logprobs_ptr": "*fp32" if partition else "constexpr",
+                                    "stats_ptr": "*fp32", "state_ptr": "*fp32", "keys_ptr": "*i64",
+                                    **rows, "min_p_ptr": "*fp32" if with_min_p else "constexpr",
+                                    "istate_ptr": "*i64", **shape, "n_splits": "i32",
+                                    "MODE": "constexpr", "MIN_P": "constexpr", "NOISE": "constexpr",
+                                    "LOGPROBS": "constexpr", "FILTERS": "constexpr",
+                                    "MAX_SPLITS": "constexpr"},
+                                   flags, NUM_WARPS)
+            yield (_sample_search_kernel,
+                   {**logits, "stats_ptr": "*fp32", "part_ptr": "*fp32", "state_ptr": "*fp32",
+                    "istate_ptr": "*i64", **rows, **shape, "split_len": "i32", "n_splits": "i32",
+                    "MODE": "constexpr", "MAX_SPLITS": "constexpr", "PIVOTS": "constexpr",
+                    "BLOCK": "constexpr"},
+                   dict(MODE=mode, MAX_SPLITS=MAX_SPLITS, PIVOTS=PIVOTS, BLOCK=SEARCH_BLOCK), NUM_WARPS)
             yield (_sample_draw_kernel,
                    {**logits, "stats_ptr": "*fp32", "draw_ptr": "*fp32", "state_ptr": "*fp32",
                     "keys_ptr": "*i64", **rows, **shape, "split_len": "i32", "n_splits": "i32",
@@ -390,3 +581,9 @@ def specializations():
                         "draw_ptr": "*fp32", "state_ptr": "*fp32", **rows, **shape, "n_splits": "i32",
                         "MODE": "constexpr", "LOGPROBS": "constexpr", "MAX_SPLITS": "constexpr"},
                        flags, NUM_WARPS)
+    for with_logprobs in (False, True):
+        yield (_sample_step_kernel,
+               {"part_ptr": "*fp32", "state_ptr": "*fp32", "istate_ptr": "*i64", "top_k_ptr": "*i64",
+                "top_p_ptr": "*fp32", "n_splits": "i32", "LOGPROBS": "constexpr",
+                "MAX_SPLITS": "constexpr", "PIVOTS": "constexpr"},
+               dict(LOGPROBS=with_logprobs, MAX_SPLITS=MAX_SPLITS, PIVOTS=PIVOTS), NUM_WARPS)

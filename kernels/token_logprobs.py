@@ -28,9 +28,10 @@ _INTERPOLATED = tl.constexpr(INTERPOLATED)
 TOKEN_STATS = 12
 _TOKEN_STATS = tl.constexpr(TOKEN_STATS)
 _NO_INDEX = tl.constexpr(2**31 - 1)
-# The statistics pass holds the guidance sums and the argmax bookkeeping: at 8 warps the
-# interpolated variant needs up to 147 registers a thread; 16 warps keep it within 128.
-STATS_WARPS = 16
+# The statistics pass holds the guidance sums and the argmax bookkeeping: at the guidance block the
+# interpolated variant needs up to 147 registers a thread (and 16 warps spill on sm_80); half the
+# block keeps every variant within 80. Split lengths stay whole numbers of either tile.
+STATS_BLOCK = BLOCK // 2
 
 
 @triton.jit
@@ -166,8 +167,7 @@ def launch(cond, uncond, targets, logprobs, greedy, stats, mode, gamma, gamma_ro
     _run(_token_stats_kernel, (batch, n_splits), key and ("token-stats",) + key,
          (cond, uncond, stats, gamma, gamma_rows, mix, mix_rows, vocab, cond.stride(0),
           uncond.stride(0), split_len),
-         dict(MODE=mode, GAMMA_PER_ROW=gamma_per_row, MIX_PER_ROW=mix_per_row, BLOCK=BLOCK),
-         num_warps=STATS_WARPS)
+         dict(MODE=mode, GAMMA_PER_ROW=gamma_per_row, MIX_PER_ROW=mix_per_row, BLOCK=STATS_BLOCK))
     _run(_token_finish_kernel, (batch,), key and ("token-finish",) + key,
          (cond, uncond, targets, logprobs, greedy, stats, gamma, gamma_rows, mix, mix_rows, vocab,
           cond.stride(0), uncond.stride(0), n_splits),
@@ -193,7 +193,7 @@ def specializations():
                            **rows, "V": "i32", "stride_c": "i32", "stride_u": "i32",
                            "split_len": "i32", "MODE": "constexpr", "GAMMA_PER_ROW": "constexpr",
                            "MIX_PER_ROW": "constexpr", "BLOCK": "constexpr"}
-                    yield _token_stats_kernel, sig, {**flags, "BLOCK": BLOCK}, STATS_WARPS
+                    yield _token_stats_kernel, sig, {**flags, "BLOCK": STATS_BLOCK}, NUM_WARPS
                     sig = {"c_ptr": in_t, "u_ptr": in_t, "targets_ptr": "*i64",
                            "logprobs_ptr": "*fp32", "greedy_ptr": "*i8", "stats_ptr": "*fp32",
                            "gamma": "fp32", **rows, "V": "i32", "stride_c": "i32",

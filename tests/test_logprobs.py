@@ -42,11 +42,9 @@ def test_equals_gathering_from_guidance(backend, semantics, dtype, shape):
     lp, greedy = cfg_triton.token_logprobs(cond, uncond, targets, 1.5, **kw)
     full = cfg_triton.guidance(cond, uncond, 1.5, **kw)
     want = _gathered(full, targets)
-    if backend == "interpreter":
-        # Same split plan, same statistics, same formula: the kernels agree bit for bit.
-        assert torch.equal(lp, want)
-    else:  # row chunks of the same torch path: equal up to float32 rounding of the row constants
-        torch.testing.assert_close(lp, want, rtol=0, atol=8 * torch.finfo(torch.float32).eps * 32)
+    # The same formula from the same statistics, gathered in another order (the kernels' tiles,
+    # the torch path's row chunks): equal up to float32 rounding of the row constants.
+    torch.testing.assert_close(lp, want, rtol=0, atol=8 * torch.finfo(torch.float32).eps * 32)
     ref = expected(cond, uncond, 1.5, **kw)
     assert_matches(lp[:, None], _gathered(ref, targets)[:, None], scale=ref.abs().max().item())
     assert torch.equal(greedy, _greedy(ref, targets))

@@ -36,43 +36,49 @@ def _paths(monkeypatch, *args, **kw):
     return out["0"], out["1"]
 
 
+KERNEL_FILTERS = {"none": {}, "min_p": dict(min_p=0.05), "top_k": dict(top_k=20),
+                  "top_p": dict(top_p=0.8),
+                  "all": dict(top_k=torch.tensor([0, 3, 50, 1, 0, 200, 7, 40]), top_p=0.9, min_p=0.02)}
+
+
 @pytest.mark.skipif(not cfg_triton.triton_available(), reason="triton is not installed")
-@pytest.mark.parametrize("semantics", SEMANTICS)
-@pytest.mark.parametrize("min_p", [None, 0.05])
-def test_kernels_draw_the_torch_paths_tokens(monkeypatch, semantics, min_p):
-    cond, uncond = logits(8, 3_001), logits(8, 3_001)
+@pytest.mark.parametrize("semantics, filters", [("normalized", f) for f in KERNEL_FILTERS]
+                         + [("raw", "all"), ("interpolated", "all")])
+def test_kernels_draw_the_torch_paths_tokens(monkeypatch, semantics, filters):
+    cond, uncond = logits(8, 2_001), logits(8, 2_001)
     cond[0, :100] = NEG_INF
     uncond[1, 5:50] = NEG_INF  # masked only in uncond: drawn at their conditional score
     cond[1, 5:50] += 8
-    kw = dict(SEMANTICS[semantics])
+    kw = dict(SEMANTICS[semantics], **KERNEL_FILTERS[filters])
     temperature = torch.tensor([0.0, 0.7, 1.0, 1.3, 2.0, 0.3, 1.0, 1.0])
-    torch_path, kernels = _paths(monkeypatch, cond, uncond, torch.linspace(0, 3, 8), temperature=temperature,
-                                 min_p=min_p, seed=torch.arange(8) * 7919, step=11, **kw)
-    assert torch.equal(kernels.tokens, torch_path.tokens)
-    torch.testing.assert_close(kernels.logprobs, torch_path.logprobs.float(), rtol=1e-4, atol=1e-4)
-    assert not cond[torch.arange(8), kernels.tokens].isneginf().any()
+    for seed in (0, 7919):
+        torch_path, kernels = _paths(monkeypatch, cond, uncond, torch.linspace(0, 3, 8),
+                                     temperature=temperature, seed=torch.arange(8) + seed, step=11, **kw)
+        assert torch.equal(kernels.tokens, torch_path.tokens)
+        torch.testing.assert_close(kernels.logprobs, torch_path.logprobs.float(), rtol=1e-4, atol=1e-4)
+        assert not cond[torch.arange(8), kernels.tokens].isneginf().any()
 
 
 @pytest.mark.skipif(not cfg_triton.triton_available(), reason="triton is not installed")
-@pytest.mark.parametrize("min_p", [None, 0.1])
-def test_same_token_for_every_split_count(monkeypatch, min_p):
+@pytest.mark.parametrize("filters", ["none", "min_p", "all"])
+def test_same_token_for_every_split_count(monkeypatch, filters):
     import cfg_triton.sampling as sampling
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    vocab = 64 * 2048
+    vocab = 8_192
     cond, uncond = logits(2, vocab), logits(2, vocab)
     uncond[0, ::97] = NEG_INF
-    real_plan = sampling._guidance_kernels.plan
+    kw = {k: v[:2] if isinstance(v, torch.Tensor) else v for k, v in KERNEL_FILTERS[filters].items()}
     drawn = {}
     for splits in (1, 2, 7, 64):
-        tiles_per_split = -(-64 // splits)
+        split_len = -(-vocab // splits)
         monkeypatch.setattr(sampling._guidance_kernels, "plan",
-                            lambda b, v, sms, t=tiles_per_split: (-(-64 // t), t * 2048))
-        assert sampling._guidance_kernels.plan(2, vocab, 8)[0] == splits
-        drawn[splits] = cfg_triton.sample(cond, uncond, 2.0, mix=0.5, temperature=1.0, min_p=min_p,
-                                          seed=5, step=torch.tensor([3, 4]))
-    monkeypatch.setattr(sampling._guidance_kernels, "plan", real_plan)
-    assert all(torch.equal(d, drawn[1]) for d in drawn.values()), drawn
+                            lambda b, v, sms, n=splits, length=split_len: (n, length))
+        drawn[splits] = cfg_triton.sample(cond, uncond, 2.0, mix=0.5, temperature=1.0, seed=5,
+                                          step=torch.tensor([3, 4]), return_logprobs=True, **kw)
+    for d in drawn.values():
+        assert torch.equal(d.tokens, drawn[1].tokens), drawn
+        torch.testing.assert_close(d.logprobs, drawn[1].logprobs, rtol=1e-5, atol=1e-5)
 
 
 def _exact_probs(cond, uncond, gamma, temperature, top_k, top_p, min_p, **kw):
