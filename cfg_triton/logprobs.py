@@ -7,8 +7,7 @@ from typing import NamedTuple
 import torch
 
 from . import torch_impl
-from .modes import INTERPOLATED, NORMALIZED, RAW
-from .ops import _aligned, _check_logits, _num_sms, _per_row, _stats_scratch, uses_triton
+from .ops import _aligned, _num_sms, _stats_scratch, checked_inputs, uses_triton
 
 try:
     from .kernels import guidance as _guidance_kernels
@@ -78,27 +77,18 @@ def token_logprobs(cond: torch.Tensor, uncond: torch.Tensor, targets: torch.Tens
     on the CPU; on an accelerator an id outside `[0, V)` gives NaN and `greedy=False` rather than
     a device sync.
     """
-    if mix is not None and not normalize:
-        raise ValueError("mix interpolates normalized CFG; it cannot be combined with normalize=False")
     if isinstance(cond, torch.Tensor) and isinstance(uncond, torch.Tensor) and cond.dim() == 3:
         if uncond.shape != cond.shape:
             raise ValueError(f"cond and uncond must have one shape, got {tuple(cond.shape)} and "
                              f"{tuple(uncond.shape)}")
     lead = cond.shape[:-1] if isinstance(cond, torch.Tensor) else ()
-    cond, uncond = _flat(cond), _flat(uncond)
-    _check_logits(cond, uncond)
+    cond, uncond, mode, gamma, gamma_rows, mix_value, mix_rows = checked_inputs(
+        _flat(cond), _flat(uncond), guidance_scale, mix, normalize)
     vocab = cond.shape[1]
     if vocab == 0:
         raise ValueError("cond and uncond have an empty vocabulary (V = 0)")
     _check_targets(targets, lead, vocab, cond.device)
     flat_targets = targets.reshape(-1).to(torch.int64)
-    mode = INTERPOLATED if mix is not None else NORMALIZED if normalize else RAW
-    gamma, gamma_rows = _per_row("guidance_scale", guidance_scale, cond, unit_interval=False)
-    mix_value, mix_rows = (0.0, None) if mix is None else _per_row("mix", mix, cond, unit_interval=True)
-    if cond.stride(1) != 1:
-        cond = cond.contiguous()
-    if uncond.stride(1) != 1:
-        uncond = uncond.contiguous()
     if cond.shape[0] == 0:
         dtype = torch.float64 if cond.dtype == torch.float64 else torch.float32
         return TokenLogprobs(torch.empty(lead, dtype=dtype, device=cond.device),

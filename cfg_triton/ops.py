@@ -192,6 +192,23 @@ def _per_row(name: str, value, like: torch.Tensor, unit_interval: bool):
     return 0.0, rows
 
 
+def checked_inputs(cond, uncond, guidance_scale, mix, normalize):
+    """The checks and conventions every op on both branches shares (`guidance`, `token_logprobs`,
+    `sample`): `[B, V]` logits -> (cond, uncond with unit last stride, mode, γ, γ rows, α, α rows),
+    each parameter as `_per_row` returns it."""
+    if mix is not None and not normalize:
+        raise ValueError("mix interpolates normalized CFG; it cannot be combined with normalize=False")
+    _check_logits(cond, uncond)
+    mode = INTERPOLATED if mix is not None else NORMALIZED if normalize else RAW
+    gamma, gamma_rows = _per_row("guidance_scale", guidance_scale, cond, unit_interval=False)
+    mix_value, mix_rows = (0.0, None) if mix is None else _per_row("mix", mix, cond, unit_interval=True)
+    if cond.stride(1) != 1:
+        cond = cond.contiguous()
+    if uncond.stride(1) != 1:
+        uncond = uncond.contiguous()
+    return cond, uncond, mode, gamma, gamma_rows, mix_value, mix_rows
+
+
 def guidance(
     cond: torch.Tensor,
     uncond: torch.Tensor,
@@ -238,18 +255,10 @@ def guidance(
     they run the Triton kernels in Triton's interpreter); float64 always runs the torch path.
     A last dimension that is not contiguous is copied first.
     """
-    if mix is not None and not normalize:
-        raise ValueError("mix interpolates normalized CFG; it cannot be combined with normalize=False")
     if not isinstance(out_dtype, torch.dtype) or out_dtype not in _FLOATS:
         raise TypeError(f"out_dtype must be a floating dtype, got {out_dtype}")
-    _check_logits(cond, uncond)
-    mode = INTERPOLATED if mix is not None else NORMALIZED if normalize else RAW
-    gamma, gamma_rows = _per_row("guidance_scale", guidance_scale, cond, unit_interval=False)
-    mix_value, mix_rows = (0.0, None) if mix is None else _per_row("mix", mix, cond, unit_interval=True)
-    if cond.stride(1) != 1:
-        cond = cond.contiguous()
-    if uncond.stride(1) != 1:
-        uncond = uncond.contiguous()
+    cond, uncond, mode, gamma, gamma_rows, mix_value, mix_rows = checked_inputs(
+        cond, uncond, guidance_scale, mix, normalize)
     # The registered op is what torch.compile traces; eager calls skip the dispatcher's overhead
     # (about 12 µs a call, a third of the whole op at B = 1 on a CPU).
     op = _guidance_op if torch.compiler.is_compiling() else _guidance_impl

@@ -15,8 +15,7 @@ from typing import NamedTuple
 import torch
 
 from . import rng, torch_impl
-from .modes import INTERPOLATED, NORMALIZED, RAW
-from .ops import _aligned, _check_logits, _num_sms, _per_row, _stats_scratch, uses_triton
+from .ops import _aligned, _num_sms, _per_row, _stats_scratch, checked_inputs, uses_triton
 
 try:
     from .kernels import guidance as _guidance_kernels
@@ -88,28 +87,22 @@ def sample(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale, *, mix=None
     token whose strictly higher-scoring tokens hold less than `top_p` of the mass (the threshold
     form of transformers' sort-and-cumsum, identical without ties).
 
-    CUDA tensors without top-k and top-p run Triton kernels: one read of both branches draws the
-    token (min-p adds a second read where the unfiltered draw falls outside the kept set, or when
-    log-probabilities are asked for). Top-k and top-p, and CPU tensors, run the torch path, which
-    materializes the guided scores.
+    CUDA tensors (fp16, bf16, fp32) run Triton kernels that never write `[B, V]`: one read of both
+    branches draws the unfiltered token; min-p, top-k and top-p check that draw in a second read
+    and keep it when it survives every filter (the argmax over all tokens is then the argmax over
+    the kept ones); otherwise re-reads find the exact thresholds and a last read draws above them
+    (see `kernels/sampling.py` for the read budget). CPU tensors and float64 run the torch path,
+    which materializes the guided scores and sorts them for top-k and top-p.
     """
-    if mix is not None and not normalize:
-        raise ValueError("mix interpolates normalized CFG; it cannot be combined with normalize=False")
-    _check_logits(cond, uncond)
+    cond, uncond, mode, gamma, gamma_rows, mix_value, mix_rows = checked_inputs(
+        cond, uncond, guidance_scale, mix, normalize)
     if cond.shape[1] == 0:
         raise ValueError("cond and uncond have an empty vocabulary (V = 0)")
-    mode = INTERPOLATED if mix is not None else NORMALIZED if normalize else RAW
-    gamma, gamma_rows = _per_row("guidance_scale", guidance_scale, cond, unit_interval=False)
-    mix_value, mix_rows = (0.0, None) if mix is None else _per_row("mix", mix, cond, unit_interval=True)
     temp, temp_rows = _filter_value("temperature", temperature, cond, 0.0, float("inf"))
     top_k = None if top_k is None else _integers("top_k", top_k, cond, low=0)
     top_p = None if top_p is None else _filter_value("top_p", top_p, cond, 0.0, 1.0, low_open=True)
     min_p = None if min_p is None else _filter_value("min_p", min_p, cond, 0.0, 1.0)
     keys = rng.row_keys(_integers("seed", seed, cond, low=None), _integers("step", step, cond, low=None))
-    if cond.stride(1) != 1:
-        cond = cond.contiguous()
-    if uncond.stride(1) != 1:
-        uncond = uncond.contiguous()
     if cond.shape[0] == 0:
         dtype = torch.float64 if cond.dtype == torch.float64 else torch.float32
         out = Sample(torch.empty(0, dtype=torch.int64, device=cond.device),

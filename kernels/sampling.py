@@ -8,10 +8,21 @@ of `cfg_triton.rng`) and its best plain key; a per-row finish scores the group w
 guidance formula and picks one. Greedy is T = 0. The same pass keeps online sums of
 `exp(key / T)` per group, which give the chosen token's log-probability.
 
-min-p keeps the tokens with `s >= s_max + T ln(min_p)`. The unfiltered draw stands when it lands
-there (the argmax of `s + T·g` over all tokens is then the argmax over the kept ones); otherwise,
-and whenever a log-probability under the filtered distribution is asked for, a second read draws
-among the kept tokens only. Nothing of size `[B, V]` is written.
+Every filter keeps the tokens at or above a threshold: min-p's is `s_max + T ln(min_p)`, top-k's
+the k-th score, top-p's the lowest score whose strictly higher tokens hold less than `top_p` of the
+(top-k) mass. The unfiltered draw stands when it is kept: the argmax of `s + T·g` over all tokens
+is then the argmax over the kept ones. For min-p alone the finish knows; with top-k or top-p a
+check pass (one re-read) counts the tokens and mass above the draw. Otherwise, and whenever a
+log-probability under the filtered distribution is asked for, search passes find the exact
+thresholds: each re-read counts tokens and mass at 64 pivots spread over the order-preserving
+int32 codes of the scores between the bounds found so far, so a threshold is exact after at most
+6 re-reads (2**32 codes / 64**6 < 1). A last read draws among the kept tokens only.
+
+Reads of both branches: greedy and temperature 1; min-p 1, or 2 when the draw falls below the
+threshold; top-p 2 when the draw is kept (probability at least `top_p`), at most 1 + 1 + 6 + 1 = 9
+otherwise (expected at most 2 + 7 (1 - top_p), 2.7 at 0.9); top-k and top-p together at most 15.
+Every pass is launched whatever the data, and rows with nothing left to do return at once, so
+nothing waits on the host. Nothing of size `[B, V]` is written.
 
 Per (row, split), SAMPLE_STATS floats: the guidance statistics (slots 0-6, as `guidance.py`), the
 count of NaN/+inf inputs, then (best, index) pairs: noisy live, noisy masked, plain live, plain
@@ -24,7 +35,8 @@ from cfg_triton.modes import INTERPOLATED, NORMALIZED, RAW
 
 from .guidance import (BLOCK, MAX_SPLITS, NUM_WARPS, _empty_stats, _fold_tile, _guided, _load_tile,
                        _online_step, _row_constants, _row_start, _run, _store_stats)
-from .token_logprobs import STATS_BLOCK, _NO_INDEX, _fold_best, _score_at, _split_best
+from .token_logprobs import (STATS_BLOCK, _NO_INDEX, _fold_best, _group_keys, _group_winners, _pick,
+                             _score_at, _split_best)
 
 _INTERPOLATED = tl.constexpr(INTERPOLATED)
 SAMPLE_STATS = 20
@@ -43,7 +55,7 @@ _CHECK = tl.constexpr(1)
 _TOP_K = tl.constexpr(2)
 _TOP_P = tl.constexpr(3)
 PIVOTS = 64
-SEARCH_BLOCK = 128
+SEARCH_BLOCK = 64
 # A search narrows a code interval of at most 2**32 by a factor PIVOTS per pass: 6 passes per
 # threshold, after one pass that checks the unfiltered draw.
 SEARCH_PASSES = 1 + 6 + 6
@@ -114,10 +126,7 @@ def _sample_stats_kernel(
         c, u, inside = _load_tile(c_row, u_row, idx, end)
         c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum = _fold_tile(
             c, u, gamma, c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum, MODE)
-        c_live = c != float("-inf")
-        u_live = u != float("-inf")
-        live_key = tl.where(c_live & u_live, c + kappa * (u - c), float("-inf"))
-        masked_key = tl.where(c_live & (u == float("-inf")), c, float("-inf"))
+        live_key, masked_key = _group_keys(c, u, kappa)
         plain_live, plain_live_idx = _fold_best(live_key, idx, plain_live, plain_live_idx)
         plain_masked, plain_masked_idx = _fold_best(masked_key, idx, plain_masked, plain_masked_idx)
         if NOISE:
@@ -148,15 +157,6 @@ def _sample_stats_kernel(
     tl.store(out + 17, tl.sum(z_live, axis=0))
     tl.store(out + 18, z_masked_max)
     tl.store(out + 19, tl.sum(z_masked, axis=0))
-
-
-@triton.jit
-def _pick(live_idx, live_score, masked_idx, masked_score):
-    """The better of two group winners (index, score); ties to the lower index, none -> _NO_INDEX."""
-    live_score = tl.where(live_idx == _NO_INDEX, float("-inf"), live_score)
-    masked_score = tl.where(masked_idx == _NO_INDEX, float("-inf"), masked_score)
-    masked_wins = (masked_score > live_score) | ((masked_score == live_score) & (masked_idx < live_idx))
-    return tl.where(masked_wins, masked_idx, live_idx), tl.where(masked_wins, masked_score, live_score)
 
 
 @triton.jit
@@ -202,27 +202,17 @@ def _sample_finish_kernel(
     c_ref, u_ref, lse_c, live_const, masked_const = _row_constants(
         stats_row, n_splits, gamma, _SAMPLE_STATS, MODE, MAX_SPLITS)
     # The row maximum of the guided scores s: the better of the two groups' plain winners.
-    plain_live = _split_best(stats_row, 12, n_splits, _SAMPLE_STATS, MAX_SPLITS)
-    plain_masked = _split_best(stats_row, 14, n_splits, _SAMPLE_STATS, MAX_SPLITS)
-    plain_live_at = tl.where(plain_live == _NO_INDEX, 0, plain_live)
-    plain_masked_at = tl.where(plain_masked == _NO_INDEX, 0, plain_masked)
-    live_top = _score_at(c_row, u_row, plain_live_at, gamma, mix, c_ref, u_ref, lse_c, live_const,
-                         masked_const, MODE)
-    masked_top = _score_at(c_row, u_row, plain_masked_at, gamma, mix, c_ref, u_ref, lse_c,
-                           live_const, masked_const, MODE)
+    plain_live, plain_live_at, live_top, plain_masked, plain_masked_at, masked_top = _group_winners(
+        c_row, u_row, stats_row, 12, n_splits, _SAMPLE_STATS, MAX_SPLITS, gamma, mix, c_ref, u_ref,
+        lse_c, live_const, masked_const, MODE)
     token, s_max = _pick(plain_live, live_top, plain_masked, masked_top)
     dead = (token == _NO_INDEX) | (_split_sum(stats_row, 7, n_splits, _SAMPLE_STATS, MAX_SPLITS) > 0)
     score = s_max
     if NOISE:  # T > 0 rows take the noisy winner; greedy rows keep the plain one
         row_key = tl.load(keys_ptr + row).to(tl.uint32)
-        noisy_live = _split_best(stats_row, 8, n_splits, _SAMPLE_STATS, MAX_SPLITS)
-        noisy_masked = _split_best(stats_row, 10, n_splits, _SAMPLE_STATS, MAX_SPLITS)
-        noisy_live_at = tl.where(noisy_live == _NO_INDEX, 0, noisy_live)
-        noisy_masked_at = tl.where(noisy_masked == _NO_INDEX, 0, noisy_masked)
-        live_s = _score_at(c_row, u_row, noisy_live_at, gamma, mix, c_ref, u_ref, lse_c, live_const,
-                           masked_const, MODE)
-        masked_s = _score_at(c_row, u_row, noisy_masked_at, gamma, mix, c_ref, u_ref, lse_c,
-                             live_const, masked_const, MODE)
+        noisy_live, noisy_live_at, live_s, noisy_masked, noisy_masked_at, masked_s = _group_winners(
+            c_row, u_row, stats_row, 8, n_splits, _SAMPLE_STATS, MAX_SPLITS, gamma, mix, c_ref,
+            u_ref, lse_c, live_const, masked_const, MODE)
         noisy, _ = _pick(noisy_live, live_s + temp * _gumbel(row_key, noisy_live_at),
                          noisy_masked, masked_s + temp * _gumbel(row_key, noisy_masked_at))
         sampled = temp > 0
@@ -291,7 +281,8 @@ def _pivots(phase, lo, hi, s_x0, PIVOTS: tl.constexpr):
     search = lo + 1 + (j * (hi - lo - 1)) // PIVOTS
     x0 = _code(s_x0).to(tl.int64)
     check = tl.where(j == 0, x0 + 1, tl.where(j == 1, x0, _CODE_MIN))
-    return tl.where(phase == _CHECK, check, search)
+    # Every pivot is a code or one past the largest finite one: int32 holds them all.
+    return tl.where(phase == _CHECK, check, search).to(tl.int32)
 
 
 @triton.jit
@@ -326,7 +317,7 @@ def _sample_search_kernel(
         c, u, inside = _load_tile(c_row, u_row, offset + lanes, end)
         s = _guided(c, u, gamma, mix, c_ref, u_ref, lse_c, live_const, masked_const, MODE)
         weight = tl.exp((s - s_max) * inv_t)  # 0 for masked tokens, whose code is below every pivot
-        above = _code(s).to(tl.int64)[:, None] >= pivots[None, :]
+        above = _code(s)[:, None] >= pivots[None, :]
         count += tl.sum(above.to(tl.float32), axis=0)
         mass += tl.sum(tl.where(above, weight[:, None], 0.0), axis=0)
     out = part_ptr + ((row * n_splits + split) * PIVOTS + tl.arange(0, PIVOTS)) * 2
@@ -377,7 +368,7 @@ def _sample_step_kernel(
     min_p_floor = tl.load(state + 6)
     top = _code(s_max).to(tl.int64) + 1
     next_phase = phase
-    threshold = float("-inf")
+    threshold = min_p_floor
     if phase == _CHECK:
         total = _at(mass, 2, PIVOTS)
         k_on = (k > 0) & (k < _at(count, 2, PIVOTS))  # k at least the finite tokens keeps them all
@@ -389,8 +380,7 @@ def _sample_step_kernel(
             & (tl.load(state + 4) >= min_p_floor)
         if LOGPROBS:  # a filtered log-probability needs the kept mass: the draw pass sums it
             accept = accept & (k_on == 0) & (p_on == 0) & (min_p_floor == float("-inf"))
-        next_phase = tl.where(accept, _IDLE, tl.where(k_on, _TOP_K, tl.where(p_on, _TOP_P, _IDLE)))
-        threshold = min_p_floor
+        next_phase = tl.where(accept, _IDLE, tl.where(k_on, _TOP_K, tl.where(p_on, _TOP_P, _IDLE))).to(tl.int64)
         tl.store(ist + 1, lo * 0 + _CODE_MIN)  # both searches start from the lowest finite code
         tl.store(ist + 2, top)
         tl.store(state + 5, total)
@@ -408,10 +398,10 @@ def _sample_step_kernel(
         tl.store(state + 7, mass_lo)
         tl.store(ist + 1, new_lo)
         tl.store(ist + 2, tl.where(to_top_p, top, new_hi))
-        next_phase = tl.where(done, tl.where(to_top_p, _TOP_P, _IDLE), phase)
+        next_phase = tl.where(done, tl.where(to_top_p, _TOP_P, _IDLE), phase).to(tl.int64)
         threshold = tl.maximum(_value(new_lo), min_p_floor)
         tl.store(state + 0, tl.where(done & (to_top_p == 0), 1.0, 0.0))
-    tl.store(ist, next_phase.to(tl.int64))
+    tl.store(ist, next_phase)
     tl.store(state + 1, threshold)
 
 

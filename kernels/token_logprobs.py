@@ -45,6 +45,42 @@ def _fold_best(key, idx, best, best_idx):
 
 
 @triton.jit
+def _group_keys(c, u, kappa):
+    """Ranking keys of a tile: (live tokens' `c + κ (u − c)`, masked-in-uncond tokens' `c`), -inf
+    outside each group."""
+    c_live = c != float("-inf")
+    live = tl.where(c_live & (u != float("-inf")), c + kappa * (u - c), float("-inf"))
+    return live, tl.where(c_live & (u == float("-inf")), c, float("-inf"))
+
+
+@triton.jit
+def _group_winners(c_row, u_row, stats_row, key_slot: tl.constexpr, n_splits, STRIDE: tl.constexpr,
+                   MAX_SPLITS: tl.constexpr, gamma, mix, c_ref, u_ref, lse_c, live_const,
+                   masked_const, MODE: tl.constexpr):
+    """Both groups' winners from the per-split (key, index) pairs at `key_slot` (live) and
+    `key_slot + 2` (masked), scored as the guidance output would hold them: (live index, a valid
+    index to read it at, its score, the same three for the masked group)."""
+    live = _split_best(stats_row, key_slot, n_splits, STRIDE, MAX_SPLITS)
+    masked = _split_best(stats_row, key_slot + 2, n_splits, STRIDE, MAX_SPLITS)
+    live_at = tl.where(live == _NO_INDEX, 0, live)
+    masked_at = tl.where(masked == _NO_INDEX, 0, masked)
+    live_score = _score_at(c_row, u_row, live_at, gamma, mix, c_ref, u_ref, lse_c, live_const,
+                           masked_const, MODE)
+    masked_score = _score_at(c_row, u_row, masked_at, gamma, mix, c_ref, u_ref, lse_c, live_const,
+                             masked_const, MODE)
+    return live, live_at, live_score, masked, masked_at, masked_score
+
+
+@triton.jit
+def _pick(live_idx, live_score, masked_idx, masked_score):
+    """The better of two group winners (index, score); ties to the lower index, none -> _NO_INDEX."""
+    live_score = tl.where(live_idx == _NO_INDEX, float("-inf"), live_score)
+    masked_score = tl.where(masked_idx == _NO_INDEX, float("-inf"), masked_score)
+    masked_wins = (masked_score > live_score) | ((masked_score == live_score) & (masked_idx < live_idx))
+    return tl.where(masked_wins, masked_idx, live_idx), tl.where(masked_wins, masked_score, live_score)
+
+
+@triton.jit
 def _token_stats_kernel(
     c_ptr, u_ptr, stats_ptr, gamma, gamma_ptr, mix, mix_ptr, V, stride_c, stride_u, split_len,
     MODE: tl.constexpr, GAMMA_PER_ROW: tl.constexpr, MIX_PER_ROW: tl.constexpr,
@@ -72,11 +108,8 @@ def _token_stats_kernel(
         c, u, inside = _load_tile(c_row, u_row, idx, end)
         c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum = _fold_tile(
             c, u, gamma, c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum, MODE)
-        c_live = c != float("-inf")
-        u_live = u != float("-inf")
-        live_key = tl.where(c_live & u_live, c + kappa * (u - c), float("-inf"))
+        live_key, masked_key = _group_keys(c, u, kappa)
         live_best, live_idx = _fold_best(live_key, idx, live_best, live_idx)
-        masked_key = tl.where(c_live & (u == float("-inf")), c, float("-inf"))
         masked_best, masked_idx = _fold_best(masked_key, idx, masked_best, masked_idx)
         # Counted per tile, not per lane: a lane-wise counter would hold BLOCK / threads registers.
         bad += tl.sum(((c != c) | (u != u) | (c == float("inf")) | (u == float("inf"))).to(tl.int32),
@@ -134,16 +167,10 @@ def _token_finish_kernel(
                       masked_const, MODE)
     tl.store(logprobs_ptr + row, tl.where(valid, score, float("nan")))
     # Argmax: each group's winner, scored as the guidance output would hold it.
-    live_idx = _split_best(stats_row, 8, n_splits, _TOKEN_STATS, MAX_SPLITS)
-    masked_idx = _split_best(stats_row, 10, n_splits, _TOKEN_STATS, MAX_SPLITS)
-    live_score = _score_at(c_row, u_row, tl.where(live_idx == _NO_INDEX, 0, live_idx), gamma, mix,
-                           c_ref, u_ref, lse_c, live_const, masked_const, MODE)
-    masked_score = _score_at(c_row, u_row, tl.where(masked_idx == _NO_INDEX, 0, masked_idx), gamma,
-                             mix, c_ref, u_ref, lse_c, live_const, masked_const, MODE)
-    live_score = tl.where(live_idx == _NO_INDEX, float("-inf"), live_score)
-    masked_score = tl.where(masked_idx == _NO_INDEX, float("-inf"), masked_score)
-    masked_wins = (masked_score > live_score) | ((masked_score == live_score) & (masked_idx < live_idx))
-    best = tl.where(masked_wins, masked_idx, live_idx)
+    live_idx, _, live_score, masked_idx, _, masked_score = _group_winners(
+        c_row, u_row, stats_row, 8, n_splits, _TOKEN_STATS, MAX_SPLITS, gamma, mix, c_ref, u_ref,
+        lse_c, live_const, masked_const, MODE)
+    best, _ = _pick(live_idx, live_score, masked_idx, masked_score)
     best = tl.where(best == _NO_INDEX, 0, best)  # nothing finite: the argmax of all -inf is 0
     j = tl.arange(0, MAX_SPLITS)
     bad = tl.sum(tl.load(stats_row + j * _TOKEN_STATS + 7, mask=j < n_splits, other=0.0), axis=0)
