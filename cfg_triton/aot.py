@@ -81,7 +81,7 @@ def main(argv=None) -> int:
             spec = " ".join(f"{k}={v}" for k, v in r["constexprs"].items()
                             if k not in ("BLOCK", "MAX_SPLITS"))
             print(f"{r['kernel']:28} {r['arch']} {'aligned' if r['aligned'] else 'unaligned':9} "
-                  f"{r['dtypes']['c_ptr']:6} {r['dtypes'].get('out_ptr', '-'):6} {spec:45} "
+                  f"{r['dtypes'].get('c_ptr', '-'):6} {r['dtypes'].get('out_ptr', '-'):6} {spec:45} "
                   f"regs={r['registers']:3} spill={r['local'] + r['stack']} smem={r['shared']}")
     return 1 if any(r["local"] or r["stack"] for r in rows) else 0
 

@@ -75,7 +75,8 @@ def run(model: str, tasks: list[str], guidance_scales: list[float], *, mix=None,
 def markdown(report: dict) -> str:
     """Accuracy (the task's headline metric, in %) per task and guidance scale."""
     scales = report["guidance_scales"]
-    lines = [f"Model: {report['model']}" + (f", mix {report['mix']:g}" if report["mix"] is not None else "")
+    mix = f", mix {report['mix']:g}" if report["mix"] is not None else ""
+    lines = [f"Model: {report['model']}" + mix
              + (f", first {report['limit']} examples per task" if report["limit"] else ""), ""]
     for task, source in report["data"].items():
         lines[0] += f"; {task} from {source['file']} (sha256 {source['sha256'][:12]}…)"

@@ -113,7 +113,7 @@ def sample(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale, *, mix=None
                           temp_rows, min_p, top_k, top_p, return_logprobs)
     else:
         out = _torch_path(cond, uncond, keys, mode, gamma, gamma_rows, mix_value, mix_rows, temp,
-                          temp_rows, top_k, top_p, min_p)
+                          temp_rows, top_k, top_p, min_p, return_logprobs)
     return out if return_logprobs else out.tokens
 
 
@@ -164,8 +164,9 @@ def _column(scalar, rows, like):
 
 
 def _torch_path(cond, uncond, keys, mode, gamma, gamma_rows, mix, mix_rows, temp, temp_rows, top_k,
-                top_p, min_p) -> Sample:
-    """The reference semantics, written plainly: guided scores, then each filter as a mask."""
+                top_p, min_p, return_logprobs) -> Sample:
+    """The reference semantics, written plainly: guided scores, then each filter as a mask.
+    Greedy calls (temperature 0 for every row) skip the filters and the noise."""
     compute = torch.float64 if cond.dtype == torch.float64 else torch.float32
     g = gamma if gamma_rows is None else gamma_rows[:, None]
     a = mix if mix_rows is None else mix_rows[:, None]
@@ -180,6 +181,11 @@ def _torch_path(cond, uncond, keys, mode, gamma, gamma_rows, mix, mix_rows, temp
     dead = poisoned | (s_max[:, 0] == float("-inf"))
     s_max = torch.where(dead[:, None], torch.zeros_like(s_max), s_max)
     keep = s > float("-inf")
+    if temp_rows is None and temp == 0:
+        tokens = s.argmax(-1)
+        logprobs = (s.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(s, dim=-1)
+                    if return_logprobs else torch.full_like(s_max[:, 0], float("nan")))
+        return Sample(torch.where(dead, -1, tokens), torch.where(dead, float("nan"), logprobs))
     if top_k is not None or top_p is not None:
         order = torch.sort(torch.where(keep, s, float("-inf")), dim=-1, descending=True, stable=True)
         ranked = order.values

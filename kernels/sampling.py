@@ -227,10 +227,12 @@ def _sample_finish_kernel(
             kappa = mix * kappa
         live_a = _key_at(c_row, u_row, plain_live_at, kappa, False) - live_top
         masked_a = _key_at(c_row, u_row, plain_masked_at, kappa, True) - masked_top
-        live_z = _split_logsum(stats_row, 16, n_splits, _SAMPLE_STATS, MAX_SPLITS) - (live_a + s_max) * inv_t
-        masked_z = _split_logsum(stats_row, 18, n_splits, _SAMPLE_STATS, MAX_SPLITS) - (masked_a + s_max) * inv_t
-        live_z = tl.where(plain_live == _NO_INDEX, float("-inf"), live_z)  # an empty group adds nothing
-        masked_z = tl.where(plain_masked == _NO_INDEX, float("-inf"), masked_z)
+        live_z = _split_logsum(stats_row, 16, n_splits, _SAMPLE_STATS, MAX_SPLITS)
+        masked_z = _split_logsum(stats_row, 18, n_splits, _SAMPLE_STATS, MAX_SPLITS)
+        # An empty group adds nothing (its A, read at a stand-in index, is meaningless).
+        live_z = tl.where(plain_live == _NO_INDEX, float("-inf"), live_z - (live_a + s_max) * inv_t)
+        masked_z = tl.where(plain_masked == _NO_INDEX, float("-inf"),
+                            masked_z - (masked_a + s_max) * inv_t)
         top_z = tl.maximum(live_z, masked_z)
         ref = tl.where(top_z == float("-inf"), 0.0, top_z)
         log_z = ref + tl.log(tl.exp(live_z - ref) + tl.exp(masked_z - ref))
@@ -248,7 +250,8 @@ def _sample_finish_kernel(
         pending = tl.where(redraw & (dead == 0), 1.0, 0.0)
     state = state_ptr + row * _STATE
     if FILTERS:  # top-k / top-p: the search passes check the draw, and find the threshold if needed
-        tl.store(istate_ptr + row * _ISTATE, tl.where((temp > 0) & (dead == 0), _CHECK, _IDLE).to(tl.int64))
+        searching = tl.where((temp > 0) & (dead == 0), _CHECK, _IDLE)
+        tl.store(istate_ptr + row * _ISTATE, searching.to(tl.int64))
         tl.store(state + 4, score)
         tl.store(state + 6, threshold)
         pending = 0.0
@@ -380,7 +383,8 @@ def _sample_step_kernel(
             & (tl.load(state + 4) >= min_p_floor)
         if LOGPROBS:  # a filtered log-probability needs the kept mass: the draw pass sums it
             accept = accept & (k_on == 0) & (p_on == 0) & (min_p_floor == float("-inf"))
-        next_phase = tl.where(accept, _IDLE, tl.where(k_on, _TOP_K, tl.where(p_on, _TOP_P, _IDLE))).to(tl.int64)
+        search = tl.where(k_on, _TOP_K, tl.where(p_on, _TOP_P, _IDLE))
+        next_phase = tl.where(accept, _IDLE, search).to(tl.int64)
         tl.store(ist + 1, lo * 0 + _CODE_MIN)  # both searches start from the lowest finite code
         tl.store(ist + 2, top)
         tl.store(state + 5, total)

@@ -7,7 +7,7 @@ write pass would, and writes `O(1)` per row: nothing of size `[N, V]` is ever wr
 
 The argmax ranks tokens within two groups by keys that differ from their guided scores by one row
 constant per group:
-    live tokens (finite in both branches)   c + κ (u − c),  κ = (1 − γ), or α (1 − γ) interpolated
+    live tokens (finite in both branches)   c + κ (u − c), κ = 1 − γ (interpolated: α (1 − γ))
     tokens masked only in uncond            c
 The two group winners are then scored with the guidance formula and compared (ties to the lower
 index). Rows holding NaN or +inf are counted so that the finish pass can report "not greedy".
