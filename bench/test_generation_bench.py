@@ -2,7 +2,8 @@
 
 Per batch size, side by side in one run: transformers' plain generation and its
 `generate(guidance_scale=…)`, unpatched and under `patch_transformers()`, and `cfg_triton.generate` unguided (γ = 1: the same loop with one
-branch, the baseline for what guidance costs), batched and sequential. Every run is forced to the
+branch, the baseline for what guidance costs), batched, sequential, and batched sampling
+(temperature 0.8, top-p 0.9). Every run is forced to the
 full 48 tokens (`min_new_tokens`) so that ms/token compares like with like. Also the load time of
 the bundled model from its converted-checkpoint cache.
 """
@@ -43,12 +44,16 @@ def _run(impl, model, ids, mask):
             return model.generate(ids, attention_mask=mask, do_sample=False, guidance_scale=1.5, **kw)
     if impl == "cfg_triton_unguided":
         return cfg_triton.generate(model, ids, mask, guidance_scale=1.0, **kw)
+    if impl == "cfg_triton_sampled":  # batched, drawing with temperature and top-p
+        return cfg_triton.generate(model, ids, mask, guidance_scale=1.5, do_sample=True,
+                                   temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(0),
+                                   **kw)
     mode = impl.removeprefix("cfg_triton_")
     return cfg_triton.generate(model, ids, mask, guidance_scale=1.5, mode=mode, **kw)
 
 
 IMPLS = ["plain", "transformers_cfg", "transformers_cfg_patched", "cfg_triton_unguided",
-         "cfg_triton_batched", "cfg_triton_sequential"]
+         "cfg_triton_batched", "cfg_triton_sequential", "cfg_triton_sampled"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -10,6 +10,8 @@ value per token. `kernels/sampling.py` computes the same function in uint32 arit
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _MASK = 0xFFFFFFFF
@@ -17,8 +19,9 @@ GOLDEN = 0x9E3779B9
 
 
 def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
-    # (h * c) mod 2**32 for h < 2**32 held in int64, in two halves so no product overflows int64.
-    return (h * (c & 0xFFFF) + ((h * (c >> 16)) & 0xFFFF) * 65536) & _MASK
+    # (h * c) mod 2**32 for h < 2**32 held in int64: the int64 product wraps modulo 2**64, which
+    # keeps its low 32 bits exact.
+    return (h * c) & _MASK
 
 
 def mix32(h: torch.Tensor) -> torch.Tensor:
@@ -30,8 +33,30 @@ def mix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def row_keys(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """`[B]` uint32 row keys (as int64) from `[B]` int64 seeds and steps; row i mixes in i."""
+def _mix32_int(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _MASK
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _MASK
+    return h ^ (h >> 16)
+
+
+def _row_key(seed: int, row: int, step: int) -> int:
+    h = _mix32_int((seed & _MASK) ^ GOLDEN)
+    h = _mix32_int(h ^ ((seed >> 32) & _MASK))
+    h = _mix32_int(h ^ row)
+    return _mix32_int(h ^ (step & _MASK))
+
+
+def row_keys(seed, step, batch: int = None, device=None) -> torch.Tensor:
+    """`[B]` uint32 row keys (as int64) from seeds and steps; row i mixes in i.
+
+    `seed` and `step` are int64 `[B]` tensors, or Python ints with `batch` and `device` given
+    (then the keys are computed on the host: a decode step's few rows cost no tensor ops).
+    """
+    if isinstance(seed, int) and isinstance(step, int):
+        keys = [_row_key(seed, row, step) for row in range(batch)]
+        return torch.tensor(keys, dtype=torch.int64, device=device)
     rows = torch.arange(seed.shape[0], device=seed.device, dtype=torch.int64)
     h = mix32((seed & _MASK) ^ GOLDEN)
     h = mix32(h ^ ((seed >> 32) & _MASK))
@@ -39,10 +64,15 @@ def row_keys(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return mix32(h ^ (step & _MASK))
 
 
+@functools.lru_cache(maxsize=16)
+def _token_hashes(vocab: int, device: torch.device) -> torch.Tensor:
+    # The per-token half of the hash depends on the vocabulary only: computed once per size.
+    return mix32(torch.arange(vocab, device=device, dtype=torch.int64) + GOLDEN)
+
+
 def gumbel(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     """`[B, V]` float32 standard Gumbel noise for row keys `[B]`: `-log(-log(u))`, with `u` the top
     24 bits of each hash, centred in its interval so that it is never 0 or 1."""
-    tokens = torch.arange(vocab, device=keys.device, dtype=torch.int64)
-    h = mix32(keys[:, None] ^ mix32(tokens + GOLDEN)[None, :])
+    h = mix32(keys[:, None] ^ _token_hashes(vocab, keys.device)[None, :])
     u = ((h >> 8).to(torch.float32) + 0.5) * (2.0 ** -24)
-    return -torch.log(-torch.log(u))
+    return u.log_().neg_().log_().neg_()

@@ -9,6 +9,7 @@ rounding of near ties.
 from __future__ import annotations
 
 import contextlib
+import functools
 import numbers
 from typing import NamedTuple
 
@@ -51,6 +52,10 @@ def _integers(name, value, like, *, low):
     if low is not None and rows.device.type == "cpu" and batch and bool((rows < low).any()):
         raise ValueError(f"{name} must be >= {low}")
     return rows
+
+
+def _plain_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _filter_value(name, value, like, low, high, *, low_open=False):
@@ -102,14 +107,18 @@ def sample(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale, *, mix=None
     top_k = None if top_k is None else _integers("top_k", top_k, cond, low=0)
     top_p = None if top_p is None else _filter_value("top_p", top_p, cond, 0.0, 1.0, low_open=True)
     min_p = None if min_p is None else _filter_value("min_p", min_p, cond, 0.0, 1.0)
-    keys = rng.row_keys(_integers("seed", seed, cond, low=None), _integers("step", step, cond, low=None))
+    if _plain_int(seed) and _plain_int(step):
+        keys = functools.partial(rng.row_keys, int(seed), int(step), cond.shape[0], cond.device)
+    else:
+        seeds, steps = _integers("seed", seed, cond, low=None), _integers("step", step, cond, low=None)
+        keys = functools.partial(rng.row_keys, seeds, steps)
     if cond.shape[0] == 0:
         dtype = torch.float64 if cond.dtype == torch.float64 else torch.float32
         out = Sample(torch.empty(0, dtype=torch.int64, device=cond.device),
                      torch.empty(0, dtype=dtype, device=cond.device))
         return out if return_logprobs else out.tokens
     if uses_triton(cond):
-        out = _run_triton(cond, uncond, keys, mode, gamma, gamma_rows, mix_value, mix_rows, temp,
+        out = _run_triton(cond, uncond, keys(), mode, gamma, gamma_rows, mix_value, mix_rows, temp,
                           temp_rows, min_p, top_k, top_p, return_logprobs)
     else:
         out = _torch_path(cond, uncond, keys, mode, gamma, gamma_rows, mix_value, mix_rows, temp,
@@ -166,32 +175,34 @@ def _column(scalar, rows, like):
 def _torch_path(cond, uncond, keys, mode, gamma, gamma_rows, mix, mix_rows, temp, temp_rows, top_k,
                 top_p, min_p, return_logprobs) -> Sample:
     """The reference semantics, written plainly: guided scores, then each filter as a mask.
-    Greedy calls (temperature 0 for every row) skip the filters and the noise."""
+    `keys()` gives the row keys; greedy calls (temperature 0 for every row) need none, and skip the
+    filters and the noise."""
     compute = torch.float64 if cond.dtype == torch.float64 else torch.float32
     g = gamma if gamma_rows is None else gamma_rows[:, None]
     a = mix if mix_rows is None else mix_rows[:, None]
     s = torch_impl.guidance(cond, uncond, g, a, mode, compute)
     batch, vocab = s.shape
-    t = _column(temp, temp_rows, s)
-    greedy = t == 0
-    t_safe = torch.where(greedy, torch.ones_like(t), t)
-    poisoned = ~((cond.sum(-1, dtype=torch.float64) < float("inf"))
-                 & (uncond.sum(-1, dtype=torch.float64) < float("inf")))
+    # NaN or +inf in the input makes the guided row (raw mode: the token) NaN, and amax propagates
+    # NaN: one reduction finds both dead and poisoned rows.
     s_max = s.amax(-1, keepdim=True)
-    dead = poisoned | (s_max[:, 0] == float("-inf"))
-    s_max = torch.where(dead[:, None], torch.zeros_like(s_max), s_max)
-    keep = s > float("-inf")
+    dead = ~(s_max[:, 0] > float("-inf"))
     if temp_rows is None and temp == 0:
         tokens = s.argmax(-1)
         logprobs = (s.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(s, dim=-1)
                     if return_logprobs else torch.full_like(s_max[:, 0], float("nan")))
         return Sample(torch.where(dead, -1, tokens), torch.where(dead, float("nan"), logprobs))
-    if top_k is not None or top_p is not None:
+    t = _column(temp, temp_rows, s)
+    greedy = t == 0
+    t_safe = torch.where(greedy, torch.ones_like(t), t)
+    s_max = torch.where(dead[:, None], torch.zeros_like(s_max), s_max)
+    keep = s > float("-inf")
+    if top_p is not None:
         order = torch.sort(torch.where(keep, s, float("-inf")), dim=-1, descending=True, stable=True)
         ranked = order.values
     if top_k is not None:
         k = top_k.clamp(max=vocab)
-        kth = ranked.gather(1, (k - 1).clamp(min=0)[:, None])
+        largest = ranked if top_p is not None else torch.topk(s, int(k.max().clamp(min=1)), dim=-1).values
+        kth = largest.gather(1, (k - 1).clamp(min=0)[:, None])
         keep &= (s >= kth) | (k[:, None] == 0)
     if top_p is not None:
         p = _column(*top_p, s).double()
@@ -209,13 +220,14 @@ def _torch_path(cond, uncond, keys, mode, gamma, gamma_rows, mix, mix_rows, temp
         m = _column(*min_p, s)
         floor = torch.where(m > 0, s_max + t_safe * torch.log(m), float("-inf"))
         keep &= s >= floor
-    noise = rng.gumbel(keys, vocab).to(compute)
+    noise = rng.gumbel(keys(), vocab).to(compute)
     ranked_noisy = torch.where(keep, s + torch.where(greedy, 0.0, t) * noise, float("-inf"))
     tokens = torch.where(greedy[:, 0], s.argmax(-1), ranked_noisy.argmax(-1))
-    # Greedy rows report log-softmax(s); sampled rows log-softmax(s / T) over the kept tokens.
-    scaled = torch.where(greedy | keep, (s - s_max) / t_safe, float("-inf"))
-    log_z = torch.logsumexp(scaled, dim=-1)
-    logprobs = scaled.gather(1, tokens[:, None])[:, 0] - log_z
+    logprobs = torch.full_like(s_max[:, 0], float("nan"))
+    if return_logprobs:
+        # Greedy rows report log-softmax(s); sampled rows log-softmax(s / T) over the kept tokens.
+        scaled = torch.where(greedy | keep, (s - s_max) / t_safe, float("-inf"))
+        logprobs = scaled.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
     tokens = torch.where(dead, -1, tokens)
     logprobs = torch.where(dead, float("nan"), logprobs)
     return Sample(tokens, logprobs.to(compute))

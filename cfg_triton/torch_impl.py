@@ -75,6 +75,18 @@ def _masked(c, u, gamma, mix, mode):
     return torch.where(c_live, val, NEG_INF)
 
 
+def _masked_in_cond_only(c: torch.Tensor, u: torch.Tensor):
+    """The live-token mask when the only non-finite values are `-inf` in `c` (masked tokens, e.g. a
+    banned EOS), `u` is finite and every row keeps a live token; else None. Then the fast formulas
+    hold for the live tokens and the masked ones are simply `-inf`. (Sums find NaN and +inf in one
+    pass each; a sum overflowing on huge finite logits merely takes the exact path.)"""
+    dead = c == NEG_INF
+    if not bool(torch.isfinite(u.sum())) or not bool(torch.isfinite(c.masked_fill(dead, 0.0).sum())):
+        return None
+    live = ~dead
+    return live if bool(live.any(dim=-1).all()) else None
+
+
 def guidance(cond, uncond, gamma, mix, mode, out_dtype):
     """`cond`, `uncond`: `[B, V]` float; `gamma`, `mix`: floats or `[B, 1]` tensors. See the op."""
     compute = torch.float64 if cond.dtype == torch.float64 else torch.float32
@@ -86,7 +98,10 @@ def guidance(cond, uncond, gamma, mix, mode, out_dtype):
     if mode == RAW:
         out = torch.lerp(u, c, gamma)  # u + γ (c - u); exactly c at γ = 1
         if not bool(torch.isfinite(out.sum())):
-            return _masked(c, u, gamma, mix, mode).to(out_dtype)
+            live = _masked_in_cond_only(c, u)
+            if live is None:
+                return _masked(c, u, gamma, mix, mode).to(out_dtype)
+            out.masked_fill_(~live, NEG_INF)
         return out.to(out_dtype)
     # Normalized and interpolated CFG depend on each branch only up to a per-row constant, so both
     # are taken relative to their row maxima first: with a large constant added to a row's logits,
@@ -101,8 +116,14 @@ def guidance(cond, uncond, gamma, mix, mode, out_dtype):
     # h is finite exactly where both logits are: -inf, +inf or NaN in either branch turns into
     # ±inf or NaN in h (0 · inf is NaN), so one reduction over h detects masks and bad input alike.
     # A sum overflowing on huge finite logits merely takes the exact path.
+    live = None
     if not bool(torch.isfinite(out.sum())):
-        return _masked(c, u, gamma, mix, mode).to(out_dtype)
+        # Tokens masked in cond alone (a common case: banned tokens) keep the fast path: their
+        # exponentials are 0 in LSE(c), and their outputs are -inf.
+        live = _masked_in_cond_only(c, u)
+        if live is None:
+            return _masked(c, u, gamma, mix, mode).to(out_dtype)
+        out.masked_fill_(~live, NEG_INF)
     if mode == NORMALIZED:
         out.sub_(logsum_c + (1 - gamma) * (logsum_u - logsum_c))
     else:
@@ -110,4 +131,6 @@ def guidance(cond, uncond, gamma, mix, mode, out_dtype):
         lse_h = top_h + logsum_h  # relative to the shifted branches; top_h is 0 when h == c'
         torch.lerp(torch.sub(c, top_c, out=scratch), out, mix, out=out)
         out.sub_(logsum_c + mix * (lse_h - logsum_c))  # exactly logsum_c when h == c'
+    if live is not None:
+        out.masked_fill_(~live, NEG_INF)
     return out.to(out_dtype)
