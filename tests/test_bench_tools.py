@@ -81,6 +81,7 @@ def test_readme_tables_are_the_generated_ones():
     readme = (ROOT / "README.md").read_text()
     assert report.guidance_table(results) in readme
     assert report.generation_table(results) in readme
+    assert report.scoring_table(results) in readme and report.sampling_table(results) in readme
 
 
 def test_gpu_script_parses_and_helps():
