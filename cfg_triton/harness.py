@@ -182,7 +182,6 @@ class CFGLM(HFLM):
         if self.negative_prompt is not None:
             ids = self.tok_encode(self.negative_prompt, add_special_tokens=False)
             negative = torch.tensor([ids] * context.shape[0], dtype=torch.long, device=context.device)
-            negative = negative.reshape(context.shape[0], len(ids))
         sample = do_sample and temperature > 0
         return generate(self.model, context, attention_mask, negative_input_ids=negative,
                         guidance_scale=self.guidance_scale, mix=self.mix,

@@ -35,7 +35,7 @@ def warp_scores(scores, temperature=1.0, top_k=None, top_p=None):
 MIN_TEMPERATURE = 1e-6
 
 
-def check_warpers(temperature=1.0, top_k=None, top_p=None):
+def check_warpers(temperature=1.0, top_k=None, top_p=None, min_p=None):
     """Raises a ValueError naming the first bad sampling parameter."""
     if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
             or not MIN_TEMPERATURE <= temperature < math.inf):
@@ -47,6 +47,9 @@ def check_warpers(temperature=1.0, top_k=None, top_p=None):
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real)
                               or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if min_p is not None and (isinstance(min_p, bool) or not isinstance(min_p, numbers.Real)
+                              or not 0.0 <= min_p <= 1.0):
+        raise ValueError(f"min_p must be in [0, 1], got {min_p!r}")
 
 
 class CFGLogitsProcessor:

@@ -152,7 +152,7 @@ def generate(model, input_ids, attention_mask=None, *, negative_input_ids=None,
     shape. Tokens are the same as eager: the draw runs outside the compiled step with the same keys.
     """
     if do_sample:
-        check_warpers(temperature, top_k, top_p)
+        check_warpers(temperature, top_k, top_p, min_p)  # before any model work
     seed = _seed(seed, generator)
     # γ = 1 without a mix is the conditional distribution itself: the unconditional branch is
     # skipped, which makes this also the loop's own unguided baseline.

@@ -164,8 +164,8 @@ def score_tokens(model, contexts: Sequence[Sequence[int]], continuations: Sequen
         neg = [ctx[-1]] if negatives is None else (list(negatives[i]) or bos)
         uncond_rows.append((neg + cont)[-(max_length + 1):-1])
 
-    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None \
-        else model.config.vocab_size
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
     max_logit_rows = max(1, (1 << 26) // max(vocab, 1))  # 256 MiB of fp32 logits per branch
     cont_lengths = [len(c) for c in continuations]
     logprobs = torch.zeros(len(contexts), dtype=torch.float64)

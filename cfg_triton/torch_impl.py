@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .modes import INTERPOLATED, NORMALIZED, RAW
+from .modes import NORMALIZED, RAW
 
 NEG_INF = float("-inf")
 # Row block for the log-sum-exp scratch: small enough to stay in cache, large enough to amortize

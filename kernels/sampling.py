@@ -35,10 +35,9 @@ from cfg_triton.modes import INTERPOLATED, NORMALIZED, RAW
 
 from .guidance import (BLOCK, MAX_SPLITS, NUM_WARPS, _empty_stats, _fold_tile, _guided, _load_tile,
                        _online_step, _row_constants, _row_start, _run, _store_stats)
-from .token_logprobs import (STATS_BLOCK, _NO_INDEX, _fold_best, _group_keys, _group_winners, _pick,
-                             _score_at, _split_best)
+from .token_logprobs import (STATS_BLOCK, _NO_INDEX, _fold_best, _group_keys, _group_winners, _kappa,
+                             _pick, _poisoned, _score_at, _split_best, _split_sum, _store_best)
 
-_INTERPOLATED = tl.constexpr(INTERPOLATED)
 SAMPLE_STATS = 20
 _SAMPLE_STATS = tl.constexpr(SAMPLE_STATS)
 DRAW_STATS = 4  # per (row, split) of the draw pass: best, index, max, sum
@@ -104,9 +103,7 @@ def _sample_stats_kernel(
     row, c_row, u_row, gamma, mix, temp = _sample_row(c_ptr, u_ptr, stride_c, stride_u, gamma_ptr,
                                                       mix_ptr, temp_ptr)
     split = tl.program_id(1)
-    kappa = 1.0 - gamma
-    if MODE == _INTERPOLATED:
-        kappa = mix * kappa
+    kappa = _kappa(gamma, mix, MODE)
     inv_t = _inverse_temperature(temp)
     row_key = tl.load(keys_ptr + row).to(tl.uint32)
     lanes = tl.arange(0, BLOCK)
@@ -139,30 +136,19 @@ def _sample_stats_kernel(
             z_live = z_live * scale + e
             z_masked_max, scale, e = _online_step(z_masked_max, masked_key * inv_t)
             z_masked = z_masked * scale + e
-        bad += tl.sum(((c != c) | (u != u) | (c == float("inf")) | (u == float("inf"))).to(tl.int32),
-                      axis=0)
+        bad += _poisoned(c, u)
     out = stats_ptr + (row * tl.num_programs(1) + split) * _SAMPLE_STATS
     _store_stats(out, c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum)
     tl.store(out + 7, bad.to(tl.float32))
     if NOISE:  # without noise, nothing reads slots 8-11
-        tl.store(out + 8, noisy_live)
-        tl.store(out + 9, noisy_live_idx.to(tl.float32, bitcast=True))
-        tl.store(out + 10, noisy_masked)
-        tl.store(out + 11, noisy_masked_idx.to(tl.float32, bitcast=True))
-    tl.store(out + 12, plain_live)
-    tl.store(out + 13, plain_live_idx.to(tl.float32, bitcast=True))
-    tl.store(out + 14, plain_masked)
-    tl.store(out + 15, plain_masked_idx.to(tl.float32, bitcast=True))
+        _store_best(out + 8, noisy_live, noisy_live_idx)
+        _store_best(out + 10, noisy_masked, noisy_masked_idx)
+    _store_best(out + 12, plain_live, plain_live_idx)
+    _store_best(out + 14, plain_masked, plain_masked_idx)
     tl.store(out + 16, z_live_max)
     tl.store(out + 17, tl.sum(z_live, axis=0))
     tl.store(out + 18, z_masked_max)
     tl.store(out + 19, tl.sum(z_masked, axis=0))
-
-
-@triton.jit
-def _split_sum(stats_row, slot: tl.constexpr, n_splits, STRIDE: tl.constexpr, MAX_SPLITS: tl.constexpr):
-    j = tl.arange(0, MAX_SPLITS)
-    return tl.sum(tl.load(stats_row + j * STRIDE + slot, mask=j < n_splits, other=0.0), axis=0)
 
 
 @triton.jit
@@ -222,9 +208,7 @@ def _sample_finish_kernel(
     if LOGPROBS:
         # Σ_i exp((s_i - s_max) / T) per group from its Σ exp(key_i / T): s = key - A in a group,
         # with A read off the group's plain winner.
-        kappa = 1.0 - gamma
-        if MODE == _INTERPOLATED:
-            kappa = mix * kappa
+        kappa = _kappa(gamma, mix, MODE)
         live_a = _key_at(c_row, u_row, plain_live_at, kappa, False) - live_top
         masked_a = _key_at(c_row, u_row, plain_masked_at, kappa, True) - masked_top
         live_z = _split_logsum(stats_row, 16, n_splits, _SAMPLE_STATS, MAX_SPLITS)
@@ -444,8 +428,7 @@ def _sample_draw_kernel(
                                     idx, best, best_idx)
         mass += tl.where(kept, tl.exp((s - s_max) * inv_t), 0.0)
     out = draw_ptr + (row * n_splits + split) * _DRAW_STATS
-    tl.store(out + 0, best)
-    tl.store(out + 1, best_idx.to(tl.float32, bitcast=True))
+    _store_best(out, best, best_idx)
     tl.store(out + 2, tl.sum(mass, axis=0))
 
 

@@ -45,6 +45,37 @@ def _fold_best(key, idx, best, best_idx):
 
 
 @triton.jit
+def _kappa(gamma, mix, MODE: tl.constexpr):
+    """κ of the live tokens' key `c + κ (u − c)`: 1 − γ, or α (1 − γ) interpolated."""
+    kappa = 1.0 - gamma
+    if MODE == _INTERPOLATED:
+        kappa = mix * kappa
+    return kappa
+
+
+@triton.jit
+def _poisoned(c, u):
+    """How many of a tile's tokens hold NaN or +inf in either branch (counted per tile, not per
+    lane: a lane-wise counter would hold BLOCK / threads registers)."""
+    return tl.sum(((c != c) | (u != u) | (c == float("inf")) | (u == float("inf"))).to(tl.int32),
+                  axis=0)
+
+
+@triton.jit
+def _store_best(out, best, index):
+    """A (key, index) pair into fp32 statistics, the index as its int32 bits."""
+    tl.store(out, best)
+    tl.store(out + 1, index.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _split_sum(stats_row, slot: tl.constexpr, n_splits, STRIDE: tl.constexpr, MAX_SPLITS: tl.constexpr):
+    """One statistic summed over a row's splits, in split order."""
+    j = tl.arange(0, MAX_SPLITS)
+    return tl.sum(tl.load(stats_row + j * STRIDE + slot, mask=j < n_splits, other=0.0), axis=0)
+
+
+@triton.jit
 def _group_keys(c, u, kappa):
     """Ranking keys of a tile: (live tokens' `c + κ (u − c)`, masked-in-uncond tokens' `c`), -inf
     outside each group."""
@@ -89,11 +120,9 @@ def _token_stats_kernel(
     row, c_row, u_row, gamma = _row_start(c_ptr, u_ptr, stride_c, stride_u, gamma, gamma_ptr,
                                           GAMMA_PER_ROW)
     split = tl.program_id(1)
-    kappa = 1.0 - gamma
-    if MODE == _INTERPOLATED:
-        if MIX_PER_ROW:
-            mix = tl.load(mix_ptr + row)
-        kappa = mix * kappa
+    if MODE == _INTERPOLATED and MIX_PER_ROW:
+        mix = tl.load(mix_ptr + row)
+    kappa = _kappa(gamma, mix, MODE)
     lanes = tl.arange(0, BLOCK)
     c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum = _empty_stats(BLOCK)
     live_best = float("-inf")
@@ -111,16 +140,12 @@ def _token_stats_kernel(
         live_key, masked_key = _group_keys(c, u, kappa)
         live_best, live_idx = _fold_best(live_key, idx, live_best, live_idx)
         masked_best, masked_idx = _fold_best(masked_key, idx, masked_best, masked_idx)
-        # Counted per tile, not per lane: a lane-wise counter would hold BLOCK / threads registers.
-        bad += tl.sum(((c != c) | (u != u) | (c == float("inf")) | (u == float("inf"))).to(tl.int32),
-                      axis=0)
+        bad += _poisoned(c, u)
     out = stats_ptr + (row * tl.num_programs(1) + split) * _TOKEN_STATS
     _store_stats(out, c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum)
     tl.store(out + 7, bad.to(tl.float32))
-    tl.store(out + 8, live_best)
-    tl.store(out + 9, live_idx.to(tl.float32, bitcast=True))
-    tl.store(out + 10, masked_best)
-    tl.store(out + 11, masked_idx.to(tl.float32, bitcast=True))
+    _store_best(out + 8, live_best, live_idx)
+    _store_best(out + 10, masked_best, masked_idx)
 
 
 @triton.jit
@@ -172,8 +197,7 @@ def _token_finish_kernel(
         lse_c, live_const, masked_const, MODE)
     best, _ = _pick(live_idx, live_score, masked_idx, masked_score)
     best = tl.where(best == _NO_INDEX, 0, best)  # nothing finite: the argmax of all -inf is 0
-    j = tl.arange(0, MAX_SPLITS)
-    bad = tl.sum(tl.load(stats_row + j * _TOKEN_STATS + 7, mask=j < n_splits, other=0.0), axis=0)
+    bad = _split_sum(stats_row, 7, n_splits, _TOKEN_STATS, MAX_SPLITS)
     greedy = valid & (bad == 0) & (best == target)
     tl.store(greedy_ptr + row, greedy.to(tl.int8))
 

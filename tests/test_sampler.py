@@ -280,6 +280,7 @@ def test_empty_negative_prompt_conditions_on_bos(tiny_llama, mode):
     (dict(do_sample=True, temperature=float("nan")), ValueError, "temperature"),
     (dict(do_sample=True, top_k=2.5), ValueError, "top_k"),
     (dict(do_sample=True, top_p=0.0), ValueError, "top_p"),
+    (dict(do_sample=True, min_p=1.5), ValueError, "min_p"),
     (dict(max_new_tokens=None), ValueError, "max_new_tokens"),
     (dict(max_new_tokens=4.0), ValueError, "max_new_tokens"),
     (dict(attention_mask=torch.ones(2, 4, dtype=torch.long)), ValueError, "shape"),
