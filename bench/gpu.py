@@ -239,8 +239,8 @@ def _op_point(r, semantics, dtype, batch, vocab, compiled):
     return point
 
 
-SAMPLING_FILTERS = {"none": {}, "top_k": dict(top_k=50), "top_p": dict(top_p=0.9),
-                    "min_p": dict(min_p=0.05)}
+SAMPLING_FILTERS = {"greedy": dict(temperature=0.0), "none": {}, "top_k": dict(top_k=50),
+                    "top_p": dict(top_p=0.9), "min_p": dict(min_p=0.05)}
 
 
 def _warped_probs(cond, uncond, filters):
@@ -254,11 +254,12 @@ def _warped_probs(cond, uncond, filters):
 
 
 def measure_sampling(r: Run):
-    """`sample` against guidance + warpers + multinomial, and against the `probs / Exponential(1)`
-    argmax trick, with the one-read floor 2·B·V·s of both branches."""
+    """`sample` against guidance + warpers + multinomial (greedy: guidance + argmax), and against
+    the `probs / Exponential(1)` argmax trick, with the one-read floor 2·B·V·s of both branches."""
     impls = {
-        "sample": lambda c, u, f: cfg_triton.sample(c, u, 1.5, temperature=0.8, seed=0, step=0, **f),
-        "multinomial": lambda c, u, f: torch.multinomial(_warped_probs(c, u, f), 1),
+        "sample": lambda c, u, f: cfg_triton.sample(c, u, 1.5, seed=0, step=0, **{"temperature": 0.8, **f}),
+        "multinomial": lambda c, u, f: (cfg_triton.guidance(c, u, 1.5).argmax(-1) if "temperature" in f
+                                        else torch.multinomial(_warped_probs(c, u, f), 1)),
         "exponential": lambda c, u, f: (_warped_probs(c, u, f) / torch.empty_like(
             c, dtype=torch.float32).exponential_()).argmax(-1),
     }
@@ -274,6 +275,8 @@ def measure_sampling(r: Run):
                              "floor_bytes": 2 * batch * vocab * cond.element_size()}
                     with torch.inference_mode():
                         for impl, fn in impls.items():
+                            if impl == "exponential" and name == "greedy":
+                                continue  # no draw to race
                             point[f"{impl}_us"] = 1e6 * r.clock.median(
                                 lambda: fn(cond, uncond, filters), r.plan["calls"])  # noqa: B023
                     if r.results["copy_gbps"]:
@@ -451,7 +454,8 @@ def summary(results) -> str:
             if p["vocab"] == max(q["vocab"] for q in results["sampling"]):
                 lines.append(f"  {p['filter']:6} {p['dtype']:8} {p['batch']:>3} {p['vocab']:>7,}: "
                              f"{p['sample_us']:8.1f} | {p.get('x_floor', float('nan')):5.2f} | "
-                             f"{p['speedup_vs_multinomial']:5.1f}x | {p['exponential_us'] / p['sample_us']:5.1f}x")
+                             f"{p['speedup_vs_multinomial']:5.1f}x | "
+                             + (f"{p['exponential_us'] / p['sample_us']:5.1f}x" if "exponential_us" in p else "-"))
     for p in results.get("scoring") or []:
         lines.append(f"scoring {p['shape']} {p['dtype']}: token_logprobs {p['token_logprobs_us']:.0f} µs"
                      + (f", peak +{p['token_logprobs_peak_extra_bytes'] / 2**20:.1f} MiB "

@@ -4,9 +4,10 @@ Per point, side by side in one run:
 - `sample`: the guided draw from both branches (CPU: the torch path; with `TRITON_INTERPRET=1`
   unset, as bench/run.py runs it);
 - `multinomial`: `guidance`, transformers-style warpers (`warp_scores`, min-p written out), softmax
-  and `torch.multinomial`;
+  and `torch.multinomial`; greedy: `guidance` and `argmax` (what `generate` ran before `sample`);
 - `exponential`: the same probabilities, then the `probs / Exponential(1)` argmax trick.
-Temperature 0.8; filters none, top-k 50, top-p 0.9 and min-p 0.05. The GPU grid is bench/gpu.py's.
+Greedy, and temperature 0.8 with filters none, top-k 50, top-p 0.9 and min-p 0.05. The GPU grid is
+bench/gpu.py's.
 """
 import pytest
 import torch
@@ -14,7 +15,8 @@ import torch
 import cfg_triton
 from cfg_triton.processors import warp_scores
 
-FILTERS = {"none": {}, "top_k": dict(top_k=50), "top_p": dict(top_p=0.9), "min_p": dict(min_p=0.05)}
+FILTERS = {"greedy": dict(temperature=0.0), "none": {}, "top_k": dict(top_k=50),
+           "top_p": dict(top_p=0.9), "min_p": dict(min_p=0.05)}
 
 
 def _probs(cond, uncond, filters):
@@ -25,9 +27,15 @@ def _probs(cond, uncond, filters):
     return warp_scores(scores, 0.8, filters.get("top_k"), filters.get("top_p")).softmax(-1)
 
 
+def _multinomial(cond, uncond, filters):
+    if filters.get("temperature") == 0:
+        return cfg_triton.guidance(cond, uncond, 1.5).argmax(-1)
+    return torch.multinomial(_probs(cond, uncond, filters), 1)
+
+
 IMPLS = {
-    "sample": lambda c, u, f: cfg_triton.sample(c, u, 1.5, temperature=0.8, seed=0, step=0, **f),
-    "multinomial": lambda c, u, f: torch.multinomial(_probs(c, u, f), 1),
+    "sample": lambda c, u, f: cfg_triton.sample(c, u, 1.5, seed=0, step=0, **{"temperature": 0.8, **f}),
+    "multinomial": _multinomial,
     "exponential": lambda c, u, f: (_probs(c, u, f) / torch.empty_like(c).exponential_()).argmax(-1),
 }
 
@@ -37,6 +45,8 @@ IMPLS = {
 @pytest.mark.parametrize("vocab", [32_000, 128_256])
 @pytest.mark.parametrize("batch", [1, 8])
 def test_sampling(benchmark, monkeypatch, device, batch, vocab, name, impl):
+    if name == "greedy" and impl == "exponential":
+        pytest.skip("no draw to race")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     gen = torch.Generator(device=device).manual_seed(0)
     cond = torch.randn(batch, vocab, generator=gen, device=device) * 4

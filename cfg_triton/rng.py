@@ -70,9 +70,39 @@ def _token_hashes(vocab: int, device: torch.device) -> torch.Tensor:
     return mix32(torch.arange(vocab, device=device, dtype=torch.int64) + GOLDEN)
 
 
+def _mix32_(h: torch.Tensor) -> torch.Tensor:
+    """`mix32` in place: a `[B, V]` draw then needs one int64 temporary instead of a dozen."""
+    h ^= h >> 16
+    h.mul_(0x85EBCA6B).bitwise_and_(_MASK)
+    h ^= h >> 13
+    h.mul_(0xC2B2AE35).bitwise_and_(_MASK)
+    h ^= h >> 16
+    return h
+
+
+def _to_gumbel(h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Hashes -> noise into `out`: `-log(-log(u))`, with `u` the top 24 bits of each hash, centred in
+    its interval so that it is never 0 or 1."""
+    out.copy_(h >> 8)
+    return out.add_(0.5).mul_(2.0 ** -24).log_().neg_().log_().neg_()
+
+
+# Rows hashed at once: the int64 temporaries of a few rows stay in cache.
+_ROWS_PER_CHUNK = 2
+
+
 def gumbel(keys: torch.Tensor, vocab: int) -> torch.Tensor:
-    """`[B, V]` float32 standard Gumbel noise for row keys `[B]`: `-log(-log(u))`, with `u` the top
-    24 bits of each hash, centred in its interval so that it is never 0 or 1."""
-    h = mix32(keys[:, None] ^ _token_hashes(vocab, keys.device)[None, :])
-    u = ((h >> 8).to(torch.float32) + 0.5) * (2.0 ** -24)
-    return u.log_().neg_().log_().neg_()
+    """`[B, V]` float32 standard Gumbel noise for row keys `[B]` (token j of row r keyed by
+    `mix32(keys[r] ^ mix32(j + GOLDEN))`)."""
+    hashes = _token_hashes(vocab, keys.device)
+    out = torch.empty((keys.shape[0], vocab), dtype=torch.float32, device=keys.device)
+    for i in range(0, keys.shape[0], _ROWS_PER_CHUNK):
+        rows = slice(i, i + _ROWS_PER_CHUNK)
+        _to_gumbel(_mix32_(keys[rows, None] ^ hashes), out[rows])
+    return out
+
+
+def gumbel_at(keys: torch.Tensor, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The noise of `gumbel(keys, vocab)` at int64 token ids `tokens` `[B, L]` only: `[B, L]` fp32."""
+    h = _mix32_(keys[:, None] ^ _token_hashes(vocab, keys.device)[tokens])
+    return _to_gumbel(h, torch.empty(tokens.shape, dtype=torch.float32, device=keys.device))

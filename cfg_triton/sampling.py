@@ -96,8 +96,9 @@ def sample(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale, *, mix=None
     branches draws the unfiltered token; min-p, top-k and top-p check that draw in a second read
     and keep it when it survives every filter (the argmax over all tokens is then the argmax over
     the kept ones); otherwise re-reads find the exact thresholds and a last read draws above them
-    (see `kernels/sampling.py` for the read budget). CPU tensors and float64 run the torch path,
-    which materializes the guided scores and sorts them for top-k and top-p.
+    (see `kernels/sampling.py` for the read budget). CPU tensors and float64 run the torch path:
+    the guided scores up to a row constant (one `lerp` of the branches), the argmax or the noise,
+    and for filters a ranking of the best 256 tokens, widened only when a row keeps all of them.
     """
     cond, uncond, mode, gamma, gamma_rows, mix_value, mix_rows = checked_inputs(
         cond, uncond, guidance_scale, mix, normalize)
@@ -172,62 +173,106 @@ def _column(scalar, rows, like):
         (like.shape[0], 1), scalar, dtype=like.dtype, device=like.device)
 
 
+# Tokens ranked first by the filtered torch path; it widens the ranking (x8, then the whole
+# vocabulary) only for calls where a row's filters keep all of them.
+_PREFIX = 256
+
+
 def _torch_path(cond, uncond, keys, mode, gamma, gamma_rows, mix, mix_rows, temp, temp_rows, top_k,
                 top_p, min_p, return_logprobs) -> Sample:
-    """The reference semantics, written plainly: guided scores, then each filter as a mask.
-    `keys()` gives the row keys; greedy calls (temperature 0 for every row) need none, and skip the
-    filters and the noise."""
+    """The reference semantics, written plainly: guided scores (up to a row constant, which no
+    draw sees), each filter as a mask over the best-ranked tokens, then the Gumbel-max draw.
+    `keys()` gives the row keys; greedy calls (temperature 0 for every row) need none."""
     compute = torch.float64 if cond.dtype == torch.float64 else torch.float32
     g = gamma if gamma_rows is None else gamma_rows[:, None]
     a = mix if mix_rows is None else mix_rows[:, None]
-    s = torch_impl.guidance(cond, uncond, g, a, mode, compute)
-    batch, vocab = s.shape
-    # NaN or +inf in the input makes the guided row (raw mode: the token) NaN, and amax propagates
-    # NaN: one reduction finds both dead and poisoned rows.
-    s_max = s.amax(-1, keepdim=True)
+    s = torch_impl.guided_keys(cond, uncond, g, a, mode, compute)
+    # NaN or +inf in the input makes the guided row (raw mode: the token) NaN, and max propagates
+    # NaN: one reduction finds dead and poisoned rows, and the greedy token (the first maximum, as
+    # argmax gives it; max is several times faster on the CPU).
+    s_max, first = s.max(-1, keepdim=True)
     dead = ~(s_max[:, 0] > float("-inf"))
-    if temp_rows is None and temp == 0:
-        tokens = s.argmax(-1)
-        logprobs = (s.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(s, dim=-1)
-                    if return_logprobs else torch.full_like(s_max[:, 0], float("nan")))
-        return Sample(torch.where(dead, -1, tokens), torch.where(dead, float("nan"), logprobs))
+    s_max = torch.where(dead[:, None], torch.zeros_like(s_max), s_max)
+    nan = torch.full_like(s_max[:, 0], float("nan"))
     t = _column(temp, temp_rows, s)
     greedy = t == 0
     t_safe = torch.where(greedy, torch.ones_like(t), t)
-    s_max = torch.where(dead[:, None], torch.zeros_like(s_max), s_max)
-    keep = s > float("-inf")
-    if top_p is not None:
-        order = torch.sort(torch.where(keep, s, float("-inf")), dim=-1, descending=True, stable=True)
-        ranked = order.values
-    if top_k is not None:
-        k = top_k.clamp(max=vocab)
-        largest = ranked if top_p is not None else torch.topk(s, int(k.max().clamp(min=1)), dim=-1).values
-        kth = largest.gather(1, (k - 1).clamp(min=0)[:, None])
-        keep &= (s >= kth) | (k[:, None] == 0)
-    if top_p is not None:
-        p = _column(*top_p, s).double()
-        mass = torch.where(keep.gather(1, order.indices),
-                           torch.exp(((ranked - s_max) / t_safe).double()), 0.0)
-        before = torch.cumsum(mass, dim=-1) - mass  # mass ranked strictly before each token
-        # Tied tokens share the mass strictly above their score: that of the first of their run.
-        starts = torch.ones_like(keep)
-        starts[:, 1:] = ranked[:, 1:] != ranked[:, :-1]
-        first = torch.cummax(torch.where(starts, torch.arange(vocab, device=s.device), 0), dim=-1).values
-        above = before.gather(1, first)
-        kept_sorted = (above < p * mass.sum(-1, keepdim=True)) | (p >= 1)
-        keep &= torch.zeros_like(keep).scatter(1, order.indices, kept_sorted)
-    if min_p is not None:
-        m = _column(*min_p, s)
-        floor = torch.where(m > 0, s_max + t_safe * torch.log(m), float("-inf"))
-        keep &= s >= floor
-    noise = rng.gumbel(keys(), vocab).to(compute)
-    ranked_noisy = torch.where(keep, s + torch.where(greedy, 0.0, t) * noise, float("-inf"))
-    tokens = torch.where(greedy[:, 0], s.argmax(-1), ranked_noisy.argmax(-1))
-    logprobs = torch.full_like(s_max[:, 0], float("nan"))
-    if return_logprobs:
-        # Greedy rows report log-softmax(s); sampled rows log-softmax(s / T) over the kept tokens.
-        scaled = torch.where(greedy | keep, (s - s_max) / t_safe, float("-inf"))
-        logprobs = scaled.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
+    sampled = temp_rows is not None or temp > 0
+    filtered = sampled and (top_k is not None or top_p is not None or min_p is not None)
+    if filtered:
+        # Every filter keeps the tokens at or above a score threshold, so the kept set is a prefix
+        # of the ranking: the draw and its log-probability need only that prefix.
+        ranked, order, keep = _kept_prefix(s, s_max, t_safe, greedy | dead[:, None], top_k, top_p, min_p)
+        noise = rng.gumbel_at(keys(), order, s.shape[1]).to(compute)
+    elif sampled:  # every live token is kept; masked ones are -inf in s, and stay so under noise
+        ranked, order, keep = s, None, None
+        noise = rng.gumbel(keys(), s.shape[1]).to(compute)
+    tokens = first[:, 0] if not sampled or bool(greedy.any()) else None
+    logprobs = nan
+    if sampled:
+        noisy = noise.mul_(t).add_(ranked)
+        if keep is not None:
+            noisy.masked_fill_(~keep, float("-inf"))
+        best, drawn = noisy.max(-1, keepdim=True)
+        if order is not None:  # the first maximum in token order, as over the whole vocabulary
+            drawn = torch.where(noisy == best, order, s.shape[1]).amin(-1, keepdim=True)
+        drawn = drawn[:, 0]
+        tokens = drawn if tokens is None else torch.where(greedy[:, 0], tokens, drawn)
+        if return_logprobs:  # log-softmax(s / T) over the kept tokens
+            scaled = (ranked - s_max) / t_safe
+            if keep is not None:
+                scaled.masked_fill_(~keep, float("-inf"))
+            logprobs = (s.gather(1, tokens[:, None])[:, 0] - s_max[:, 0]) / t_safe[:, 0] \
+                - torch.logsumexp(scaled, dim=-1)
+    if return_logprobs and (not sampled or bool(greedy.any())):  # greedy rows: log-softmax(s)
+        plain = s.gather(1, tokens[:, None])[:, 0] - s_max[:, 0] - torch.logsumexp(s - s_max, dim=-1)
+        logprobs = plain if not sampled else torch.where(greedy[:, 0], plain, logprobs)
     tokens = torch.where(dead, -1, tokens)
     logprobs = torch.where(dead, float("nan"), logprobs)
     return Sample(tokens, logprobs.to(compute))
+
+
+def _kept_prefix(s, s_max, t, skip, top_k, top_p, min_p):
+    """The best-ranked tokens of `[B, V]` scores `s` and which of them the filters keep:
+    (scores `[B, L]` descending, their token ids, keep mask). `L` grows until, in every row not
+    in `skip` (`[B, 1]`: greedy or dead rows), the filters drop the last ranked token, so that no
+    kept token lies beyond the prefix."""
+    vocab = s.shape[1]
+    length = _PREFIX if top_k is None else max(_PREFIX, int(top_k.max()))
+    whole = None  # the mass behind top-p where top-k does not bound it: every live token's
+    while True:
+        length = min(length, vocab)
+        if length == vocab:
+            ranked, order = torch.sort(s, dim=-1, descending=True, stable=True)
+        else:
+            ranked, order = torch.topk(s, length, dim=-1)
+        keep = ranked > float("-inf")
+        if top_k is not None:
+            on = top_k[:, None] > 0
+            kth = ranked.gather(1, (top_k.clamp(min=1, max=length) - 1)[:, None])
+            keep &= (ranked >= kth) | ~on
+            # Ties with the k-th score beyond the prefix would be kept too: widen.
+            short = on & (ranked[:, -1:] == kth) & (kth > float("-inf"))
+        else:
+            short = torch.zeros_like(skip)
+        if top_p is not None:
+            p = _column(*top_p, s).double()
+            mass = torch.where(keep, torch.exp((ranked - s_max) / t).double(), 0.0)
+            total = mass.sum(-1, keepdim=True)
+            if top_k is None or bool((top_k == 0).any()):
+                if whole is None:  # computed once, however often the ranking widens
+                    whole = torch.sub(s, s_max).div_(t).exp_().sum(-1, keepdim=True).double()
+                total = whole if top_k is None else torch.where(top_k[:, None] > 0, total, whole)
+            before = torch.cumsum(mass, dim=-1) - mass  # mass ranked strictly before each token
+            # Tied tokens share the mass strictly above their score: that of the first of their run.
+            starts = torch.ones_like(keep)
+            starts[:, 1:] = ranked[:, 1:] != ranked[:, :-1]
+            first = torch.cummax(torch.where(starts, torch.arange(length, device=s.device), 0),
+                                 dim=-1).values
+            keep &= (before.gather(1, first) < p * total) | (p >= 1)
+        if min_p is not None:
+            m = _column(*min_p, s)
+            keep &= ranked >= torch.where(m > 0, s_max + t * torch.log(m), float("-inf"))
+        if length == vocab or not bool(((keep[:, -1:] | short) & ~skip).any()):
+            return ranked, order, keep
+        length *= 8

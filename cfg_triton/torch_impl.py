@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .modes import NORMALIZED, RAW
+from .modes import INTERPOLATED, NORMALIZED, RAW
 
 NEG_INF = float("-inf")
 # Row block for the log-sum-exp scratch: small enough to stay in cache, large enough to amortize
@@ -134,3 +134,31 @@ def guidance(cond, uncond, gamma, mix, mode, out_dtype):
     if live is not None:
         out.masked_fill_(~live, NEG_INF)
     return out.to(out_dtype)
+
+
+def guided_keys(cond, uncond, gamma, mix, mode, compute):
+    """The guided scores of `guidance` up to a per-row constant, which is all that argmax, sampling
+    and its filters see (GUIDANCE.md §2): `[B, V]` in `compute`, `-inf` where `cond` is.
+
+    Where `uncond` is finite and `cond` holds no NaN or `+inf` and a live token in every row (the
+    common case, banned tokens included), every semantics is `u + γ'·(c − u)` on the live tokens,
+    with γ' = γ, or 1 − α + αγ when interpolated: one `lerp` and no log-sum-exp. (Unlike the
+    log-probabilities of `guidance`, these scores need no shift to the row maxima: their rounding
+    is that of the logits themselves. One `[B, V]` temporary: on the CPU a second one of this size
+    costs more in fresh pages than the arithmetic.) Other rows (tokens masked in `uncond` alone,
+    NaN, `+inf`, dead rows) take `guidance` itself.
+    """
+    c, u = cond.to(compute), uncond.to(compute)
+    if isinstance(gamma, torch.Tensor):
+        gamma = gamma.to(compute)
+    if isinstance(mix, torch.Tensor):
+        mix = mix.to(compute)
+    # amax and amin propagate NaN: these reductions find NaN, +inf, dead rows and masks in uncond.
+    if not bool(torch.isfinite(c.amax(dim=-1)).all() & torch.isfinite(u.amax(dim=-1)).all()
+                & torch.isfinite(u.amin(dim=-1)).all()):
+        return guidance(cond, uncond, gamma, mix, mode, compute)
+    weight = gamma if mode != INTERPOLATED else 1 - mix + mix * gamma
+    out = torch.lerp(u, c, weight)  # exactly c at γ' = 1
+    if bool((c.amin(dim=-1) == NEG_INF).any()):  # banned tokens: lerp made them NaN or ±inf
+        out.masked_fill_(torch.isneginf(c), NEG_INF)
+    return out

@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+import tempfile
 
 # Triton decides at decoration time whether a kernel is interpreted, so this must precede any import
 # of cfg_triton. Which path a CPU call takes is then chosen per test by the `backend` fixture.
@@ -63,3 +66,33 @@ def tiny_llama():
     with torch.no_grad():
         model.lm_head.weight.mul_(20)
     return model
+
+
+# The AOT compiles (test_aot.py) take minutes in one process that uses one core, while most other
+# tests leave the second core idle: they start as soon as collection ends and run beside the rest
+# of the session, whose last tests are then the AOT checks that collect their output.
+AOT = pytest.StashKey[tuple]()
+
+
+def start_aot():
+    """Starts `python -m cfg_triton.aot --json` (uninterpreted: it compiles) -> (process, stdout
+    file, stderr file)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    process = subprocess.Popen([sys.executable, "-m", "cfg_triton.aot", "--json"], env=env,
+                               stdout=out, stderr=err, text=True)
+    return process, out, err
+
+
+def pytest_collection_modifyitems(session, config, items):
+    aot = [item for item in items if item.path.name == "test_aot.py"]
+    if aot and cfg_triton.triton_available() and len(aot) < len(items):
+        items[:] = [item for item in items if item.path.name != "test_aot.py"] + aot
+        config.stash[AOT] = start_aot()
+
+
+def pytest_unconfigure(config):
+    process = config.stash.get(AOT, (None,))[0]
+    if process is not None and process.poll() is None:  # the session ended early
+        process.kill()
+        process.wait()

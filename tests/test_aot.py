@@ -1,10 +1,8 @@
 """Every kernel specialization compiles for sm_80 and sm_90 (no GPU needed) without spilling."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from conftest import AOT, start_aot
 
 import cfg_triton
 from cfg_triton.kernels import guidance as kernels
@@ -12,15 +10,18 @@ from cfg_triton.kernels import sampling, token_logprobs
 
 
 @pytest.fixture(scope="module")
-def compiled():
+def compiled(request):
     if not cfg_triton.triton_available():
         pytest.skip("triton is not installed")
-    # The test session interprets kernels; compiling needs a process that does not.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "cfg_triton.aot", "--json"], env=env,
-                          capture_output=True, text=True, timeout=1200)
-    assert done.stdout, done.stderr
-    return json.loads(done.stdout), done.returncode
+    # The test session interprets kernels; compiling needs a process that does not. conftest.py
+    # started it after collection, unless these are the only tests run.
+    process, out, err = request.config.stash.get(AOT, None) or start_aot()
+    returncode = process.wait(timeout=1800)
+    out.seek(0)
+    err.seek(0)
+    stdout = out.read()
+    assert stdout, err.read()
+    return json.loads(stdout), returncode
 
 
 def test_every_specialization_compiles_for_sm80_and_sm90(compiled):

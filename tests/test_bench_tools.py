@@ -137,8 +137,10 @@ def test_gpu_command_runs_offline_in_smoke_mode(tmp_path):
     assert semantics == {"raw", "normalized", "interpolated"}
     assert {g["impl"] for g in results["generation"]} >= {"plain", "transformers_cfg",
                                                           "cfg_triton_batched", "cfg_triton_compiled"}
-    assert {p["filter"] for p in results["sampling"]} == {"none", "top_k", "top_p", "min_p"}
+    assert {p["filter"] for p in results["sampling"]} == {"greedy", "none", "top_k", "top_p", "min_p"}
     assert all(p["sample_us"] > 0 and p["multinomial_us"] > 0 for p in results["sampling"])
+    assert "| greedy | float32 | 2 | 1,000 |" in report.sampling_table(results)
+    assert ("x floor" in report.sampling_table(results)) == all("x_floor" in p for p in results["sampling"])
     assert [p["shape"] for p in results["scoring"]] == [[2, 16, 1_000]]
     assert "network" not in proc.stdout + proc.stderr
     assert "greedy parity with transformers CFG: batched OK" in summary

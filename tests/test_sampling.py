@@ -146,6 +146,62 @@ def test_per_row_parameters_draw_each_rows_distribution(monkeypatch):
         assert ((counts[r] - n * probs).abs() <= 6 * (n * probs * (1 - probs)).sqrt() + 1).all()
 
 
+PREFIX_CASES = {
+    # per-row temperature and top-p: kept sets from a few tokens to thousands (widened twice)
+    "top_p": dict(temperature=torch.tensor([0.3, 0.8, 1.0, 2.5, 4.0, 0.0, 1.0, 6.0]),
+                  top_p=torch.tensor([0.9, 0.5, 0.99, 0.9, 0.95, 0.9, 1.0, 0.999])),
+    # k above the first ranking, k off in some rows (top-p over every live token there)
+    "top_k": dict(temperature=1.5, top_k=torch.tensor([300, 0, 1, 5_000, 256, 256, 0, 1_000]),
+                  top_p=torch.tensor([0.97, 0.97, 0.97, 0.97, 0.05, 0.97, 0.97, 0.97])),
+    "min_p": dict(temperature=torch.tensor([0.5, 1.0, 3.0, 8.0, 1.0, 0.7, 2.0, 5.0]),
+                  min_p=torch.tensor([0.2, 0.01, 0.001, 0.05, 0.0, 0.5, 1e-4, 0.3])),
+}
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("case", PREFIX_CASES)
+def test_ranking_prefix_draws_as_the_whole_ranking(monkeypatch, case, ties):
+    """The torch path ranks only the best tokens while the filters keep fewer: widening to the
+    whole vocabulary never changes a token or a log-probability, with ties at every boundary."""
+    import cfg_triton.sampling as sampling
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    vocab = 5_000
+    cond, uncond = logits(8, vocab), logits(8, vocab)
+    if ties:  # a few distinct values: the k-th score, the top-p cut and the prefix end all tie
+        cond, uncond = cond.round(), uncond.round()
+        # Row 4: ten tokens, then a run of 1,000 ties, which holds the k-th score (k = 256) and most
+        # of the mass behind top-p: a ranking cut inside the run must widen to see all of it.
+        cond[4], uncond[4] = -10.0, 0.0
+        cond[4, 100:110], cond[4, 1_000:2_000] = 5.0, 4.0
+    cond[2, :4_000] = NEG_INF
+    lengths = []
+    original = sampling._kept_prefix
+
+    def spy(*args, **kw):
+        out = original(*args, **kw)
+        lengths.append(out[0].shape[1])
+        return out
+
+    monkeypatch.setattr(sampling, "_kept_prefix", spy)
+    first = sampling._PREFIX
+    # The whole batch, then each row alone (a call widens for its widest row)
+    calls = [slice(None)] + [slice(r, r + 1) for r in range(8)]
+    draws = []
+    for prefix in (first, vocab):
+        monkeypatch.setattr(sampling, "_PREFIX", prefix)
+        draws.append([cfg_triton.sample(
+            cond[rows], uncond[rows], 1.5, seed=seed, step=3, return_logprobs=True,
+            **{k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in PREFIX_CASES[case].items()})
+            for seed in range(4) for rows in calls])
+    for short, whole in zip(*draws):
+        assert torch.equal(short.tokens, whole.tokens)
+        torch.testing.assert_close(short.logprobs, whole.logprobs, rtol=1e-5, atol=1e-5)
+    # Both ways were taken: rankings left short, and widened ones
+    short_lengths = lengths[: len(draws[0])]
+    assert min(short_lengths) < vocab and max(short_lengths) > first, short_lengths
+
+
 def test_logprobs_are_the_drawn_distributions(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     cond, uncond = logits(4, 500), logits(4, 500)
