@@ -126,7 +126,10 @@ def test_eos_and_pad_default_to_generation_config(smollm2):
     assert out[0, -1].item() == model.generation_config.eos_token_id
 
 
-def test_sampling_is_reproducible_and_top_k_one_is_greedy(smollm2):
+def test_sampling_is_reproducible_and_top_k_one_is_greedy(smollm2, monkeypatch):
+    # Semantics of the loop, the same on either path: the torch path, as CPU users run it (the
+    # interpreted kernels draw its tokens: test_sampling.py; the literal loop below runs them).
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     model, tok = smollm2
     ids = _ids(tok, PROMPTS[0])
     kw = dict(do_sample=True, temperature=0.8, top_p=0.9, max_new_tokens=8, min_new_tokens=8)
