@@ -177,11 +177,13 @@ def generation_table(results) -> str:
 GEN_IMPLS = {"plain": "plain", "transformers_cfg": "transformers CFG",
              "transformers_cfg_patched": "transformers CFG, patched",
              "cfg_triton_unguided": "cfg_triton unguided", "cfg_triton_batched": "cfg_triton batched",
-             "cfg_triton_sequential": "cfg_triton sequential", "cfg_triton_compiled": "cfg_triton compiled"}
+             "cfg_triton_sequential": "cfg_triton sequential", "cfg_triton_compiled": "cfg_triton compiled",
+             "cfg_triton_sampled": "cfg_triton batched, sampled"}
 # (numerator, denominator, heading): guidance's cost in our own loop first, then the comparisons.
 GEN_RATIOS = [("cfg_triton_batched", "cfg_triton_unguided", "guided / unguided (ours)"),
               ("cfg_triton_batched", "transformers_cfg", "batched / transformers CFG"),
               ("cfg_triton_batched", "plain", "batched / transformers plain"),
+              ("cfg_triton_sampled", "cfg_triton_batched", "sampled / greedy (ours)"),
               ("plain", "cfg_triton_compiled", "transformers plain / compiled"),
               ("transformers_cfg_patched", "transformers_cfg", "patched / unpatched transformers CFG"),
               ("transformers_cfg_patched", "cfg_triton_batched", "patched / cfg_triton batched")]
@@ -191,10 +193,11 @@ def _generation_rows(results, gen, model) -> str:
     by = {(g["batch"], g["impl"]): g for g in gen}
     impls = [i for i in GEN_IMPLS if any(g["impl"] == i for g in gen)]
     ratios = [r for r in GEN_RATIOS if r[0] in impls and r[1] in impls]
+    greedy = "greedy (sampled: temperature 0.8, top-p 0.9)" if "cfg_triton_sampled" in impls else "greedy"
     if model is None:
-        what = "SmolLM2-135M, greedy, 48 new tokens"
+        what = f"SmolLM2-135M, {greedy}, 48 new tokens"
     else:
-        what = (f"{model} config with random weights, greedy, {gen[0].get('new_tokens', '?')} new "
+        what = (f"{model} config with random weights, {greedy}, {gen[0].get('new_tokens', '?')} new "
                 "tokens")
     head = "| batch | " + " | ".join(GEN_IMPLS[i] for i in impls) + " | " + \
         " | ".join(r[2] for r in ratios) + " |"
