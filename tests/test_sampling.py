@@ -147,7 +147,7 @@ def test_per_row_parameters_draw_each_rows_distribution(monkeypatch):
 
 
 PREFIX_CASES = {
-    # per-row temperature and top-p: kept sets from a few tokens to thousands (widened twice)
+    # per-row temperature and top-p: kept sets from a few tokens to thousands
     "top_p": dict(temperature=torch.tensor([0.3, 0.8, 1.0, 2.5, 4.0, 0.0, 1.0, 6.0]),
                   top_p=torch.tensor([0.9, 0.5, 0.99, 0.9, 0.95, 0.9, 1.0, 0.999])),
     # k above the first ranking, k off in some rows (top-p over every live token there)
