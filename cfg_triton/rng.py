@@ -18,34 +18,25 @@ _MASK = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9
 
 
-def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
-    # (h * c) mod 2**32 for h < 2**32 held in int64: the int64 product wraps modulo 2**64, which
-    # keeps its low 32 bits exact.
-    return (h * c) & _MASK
+def mix32(h):
+    """The MurmurHash3 32-bit finalizer on uint32 values held in Python ints or int64 tensors.
 
-
-def mix32(h: torch.Tensor) -> torch.Tensor:
-    """The MurmurHash3 32-bit finalizer on int64 tensors holding uint32 values."""
+    A product of two values below 2**32 overflows int64, but it wraps modulo 2**64, which keeps
+    its low 32 bits exact: the mask after each product gives the same value as in Python ints.
+    """
     h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = _mul32(h, 0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def _mix32_int(h: int) -> int:
-    h ^= h >> 16
     h = (h * 0x85EBCA6B) & _MASK
-    h ^= h >> 13
+    h = h ^ (h >> 13)
     h = (h * 0xC2B2AE35) & _MASK
     return h ^ (h >> 16)
 
 
-def _row_key(seed: int, row: int, step: int) -> int:
-    h = _mix32_int((seed & _MASK) ^ GOLDEN)
-    h = _mix32_int(h ^ ((seed >> 32) & _MASK))
-    h = _mix32_int(h ^ row)
-    return _mix32_int(h ^ (step & _MASK))
+def _row_key(seed, row, step):
+    """The key of (seed, row, step), as Python ints or as int64 tensors."""
+    h = mix32((seed & _MASK) ^ GOLDEN)
+    h = mix32(h ^ ((seed >> 32) & _MASK))
+    h = mix32(h ^ row)
+    return mix32(h ^ (step & _MASK))
 
 
 def row_keys(seed, step, batch: int = None, device=None) -> torch.Tensor:
@@ -57,11 +48,7 @@ def row_keys(seed, step, batch: int = None, device=None) -> torch.Tensor:
     if isinstance(seed, int) and isinstance(step, int):
         keys = [_row_key(seed, row, step) for row in range(batch)]
         return torch.tensor(keys, dtype=torch.int64, device=device)
-    rows = torch.arange(seed.shape[0], device=seed.device, dtype=torch.int64)
-    h = mix32((seed & _MASK) ^ GOLDEN)
-    h = mix32(h ^ ((seed >> 32) & _MASK))
-    h = mix32(h ^ rows)
-    return mix32(h ^ (step & _MASK))
+    return _row_key(seed, torch.arange(seed.shape[0], device=seed.device, dtype=torch.int64), step)
 
 
 @functools.lru_cache(maxsize=16)

@@ -75,16 +75,13 @@ def _masked(c, u, gamma, mix, mode):
     return torch.where(c_live, val, NEG_INF)
 
 
-def _masked_in_cond_only(c: torch.Tensor, u: torch.Tensor):
-    """The live-token mask when the only non-finite values are `-inf` in `c` (masked tokens, e.g. a
-    banned EOS), `u` is finite and every row keeps a live token; else None. Then the fast formulas
-    hold for the live tokens and the masked ones are simply `-inf`. (Sums find NaN and +inf in one
-    pass each; a sum overflowing on huge finite logits merely takes the exact path.)"""
-    dead = c == NEG_INF
-    if not bool(torch.isfinite(u.sum())) or not bool(torch.isfinite(c.masked_fill(dead, 0.0).sum())):
-        return None
-    live = ~dead
-    return live if bool(live.any(dim=-1).all()) else None
+def _masked_in_cond_only(c: torch.Tensor, u: torch.Tensor) -> bool:
+    """Whether the only non-finite values are `-inf` in `c` (masked tokens, e.g. a banned EOS),
+    with `u` finite and a live token in every row: then the fast formulas hold for the live tokens
+    and the masked ones are simply `-inf`. (amax and amin propagate NaN: three row reductions find
+    NaN, +inf, dead rows and masks in `u`.)"""
+    return bool(torch.isfinite(c.amax(dim=-1)).all() & torch.isfinite(u.amax(dim=-1)).all()
+                & torch.isfinite(u.amin(dim=-1)).all())
 
 
 def guidance(cond, uncond, gamma, mix, mode, out_dtype):
@@ -98,10 +95,9 @@ def guidance(cond, uncond, gamma, mix, mode, out_dtype):
     if mode == RAW:
         out = torch.lerp(u, c, gamma)  # u + γ (c - u); exactly c at γ = 1
         if not bool(torch.isfinite(out.sum())):
-            live = _masked_in_cond_only(c, u)
-            if live is None:
+            if not _masked_in_cond_only(c, u):
                 return _masked(c, u, gamma, mix, mode).to(out_dtype)
-            out.masked_fill_(~live, NEG_INF)
+            out.masked_fill_(torch.isneginf(c), NEG_INF)
         return out.to(out_dtype)
     # Normalized and interpolated CFG depend on each branch only up to a per-row constant, so both
     # are taken relative to their row maxima first: with a large constant added to a row's logits,
@@ -115,15 +111,15 @@ def guidance(cond, uncond, gamma, mix, mode, out_dtype):
     torch.lerp(scratch, out, gamma, out=out)  # h = u' + γ (c' - u'); exactly c' at γ = 1
     # h is finite exactly where both logits are: -inf, +inf or NaN in either branch turns into
     # ±inf or NaN in h (0 · inf is NaN), so one reduction over h detects masks and bad input alike.
-    # A sum overflowing on huge finite logits merely takes the exact path.
-    live = None
+    # A sum overflowing on huge finite logits is told apart below: finite inputs keep the fast path.
+    banned = None
     if not bool(torch.isfinite(out.sum())):
         # Tokens masked in cond alone (a common case: banned tokens) keep the fast path: their
         # exponentials are 0 in LSE(c), and their outputs are -inf.
-        live = _masked_in_cond_only(c, u)
-        if live is None:
+        if not _masked_in_cond_only(c, u):
             return _masked(c, u, gamma, mix, mode).to(out_dtype)
-        out.masked_fill_(~live, NEG_INF)
+        banned = torch.isneginf(c)
+        out.masked_fill_(banned, NEG_INF)
     if mode == NORMALIZED:
         out.sub_(logsum_c + (1 - gamma) * (logsum_u - logsum_c))
     else:
@@ -131,8 +127,8 @@ def guidance(cond, uncond, gamma, mix, mode, out_dtype):
         lse_h = top_h + logsum_h  # relative to the shifted branches; top_h is 0 when h == c'
         torch.lerp(torch.sub(c, top_c, out=scratch), out, mix, out=out)
         out.sub_(logsum_c + mix * (lse_h - logsum_c))  # exactly logsum_c when h == c'
-    if live is not None:
-        out.masked_fill_(~live, NEG_INF)
+    if banned is not None:
+        out.masked_fill_(banned, NEG_INF)
     return out.to(out_dtype)
 
 
@@ -153,9 +149,7 @@ def guided_keys(cond, uncond, gamma, mix, mode, compute):
         gamma = gamma.to(compute)
     if isinstance(mix, torch.Tensor):
         mix = mix.to(compute)
-    # amax and amin propagate NaN: these reductions find NaN, +inf, dead rows and masks in uncond.
-    if not bool(torch.isfinite(c.amax(dim=-1)).all() & torch.isfinite(u.amax(dim=-1)).all()
-                & torch.isfinite(u.amin(dim=-1)).all()):
+    if not _masked_in_cond_only(c, u):
         return guidance(cond, uncond, gamma, mix, mode, compute)
     weight = gamma if mode != INTERPOLATED else 1 - mix + mix * gamma
     out = torch.lerp(u, c, weight)  # exactly c at γ' = 1
