@@ -1,6 +1,7 @@
-"""Turns pytest-benchmark output into a results file, a plot and the README's tables.
+"""Turns pytest-benchmark output into a results file, a plot and the tables of docs/benchmarks.md
+(the README's headline table among them).
 
-    python bench/report.py bench/results/<machine>.json     # redraw plot and README from a results file
+    python bench/report.py bench/results/<machine>.json     # redraw plot and tables from a results file
 """
 from __future__ import annotations
 
@@ -322,24 +323,33 @@ def plot(results, path: Path) -> None:
     plt.close(fig)
 
 
-def update_readme(results, png: Path, readme: Path) -> None:
-    """Replaces the text between the README's bench markers with tables generated from `results`."""
-    tag = machine_tag(results["machine"])
-    picture = f"![{tag}]({os.path.relpath(png, readme.parent)})"
+def _replace_between(page: Path, start: str, end: str, block: str) -> None:
+    text = page.read_text()
+    if start not in text:
+        raise SystemExit(f"{page.name} has no {start} marker")
+    head, rest = text.split(start, 1)
+    page.write_text(head + start + "\n" + block + "\n" + end + rest.split(end, 1)[1])
+
+
+def update_tables(results, png: Path, readme: Path, tables: Path) -> None:
+    """Replaces the text between the bench markers with tables generated from `results`: every
+    table in `tables` (docs/benchmarks.md), the headline (generation) table in `readme`."""
+    device = results["machine"]["device"]
+    picture = f"![{machine_tag(results['machine'])}]({os.path.relpath(png, tables.parent)})"
     block = "\n\n".join(x for x in (guidance_table(results), picture, generation_table(results),
                                      host_table(results), scoring_table(results),
                                      sampling_table(results)) if x)
-    text = readme.read_text()
-    start, end = f"<!-- bench:{results['machine']['device']}:start -->", \
-        f"<!-- bench:{results['machine']['device']}:end -->"
-    if start not in text:
-        raise SystemExit(f"README has no {start} marker")
-    head, rest = text.split(start, 1)
-    readme.write_text(head + start + "\n" + block + "\n" + end + rest.split(end, 1)[1])
+    _replace_between(tables, f"<!-- bench:{device}:start -->", f"<!-- bench:{device}:end -->", block)
+    headline = generation_table(results)
+    if headline:
+        _replace_between(readme, f"<!-- bench:{device}:headline:start -->",
+                         f"<!-- bench:{device}:headline:end -->", headline)
 
 
-def publish(results, out_dir: Path, readme: Path = ROOT / "README.md") -> Path:
-    """Writes `<machine>.json` and `<machine>.png` under out_dir and refreshes the README."""
+def publish(results, out_dir: Path, readme: Path = ROOT / "README.md",
+            tables: Path = ROOT / "docs" / "benchmarks.md") -> Path:
+    """Writes `<machine>.json` and `<machine>.png` under out_dir and refreshes the tables of
+    docs/benchmarks.md and the README's headline."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = machine_tag(results["machine"])
     path = out_dir / f"{tag}.json"
@@ -347,7 +357,7 @@ def publish(results, out_dir: Path, readme: Path = ROOT / "README.md") -> Path:
     png = out_dir / f"{tag}.png"
     if results["guidance"]:
         plot(results, png)
-    update_readme(results, png, readme)
+    update_tables(results, png, readme, tables)
     return path
 
 

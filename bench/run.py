@@ -1,4 +1,5 @@
-"""Runs the benchmarks on this machine and publishes the results (file, plot, README tables).
+"""Runs the benchmarks on this machine and publishes the results (file, plot, the tables of
+docs/benchmarks.md and the README's headline).
 
     python bench/run.py                       # guidance grid + generation, results in bench/results/
     python bench/run.py --only guidance       # just the op grid
@@ -64,7 +65,10 @@ def main(argv=None) -> int:
     parser.add_argument("--only", choices=sorted(FILES), action="append",
                         help="run only these benchmark files (repeatable)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--readme", type=Path, default=HERE.parent / "README.md")
+    parser.add_argument("--readme", type=Path, default=HERE.parent / "README.md",
+                        help="the page holding the headline table")
+    parser.add_argument("--tables", type=Path, default=HERE.parent / "docs" / "benchmarks.md",
+                        help="the page holding every table")
     parser.add_argument("--raw", type=Path, help="summarize an existing pytest-benchmark JSON instead")
     parser.add_argument("--merge", action="store_true",
                         help="keep sections of this machine's previous results that were not rerun")
@@ -83,7 +87,7 @@ def main(argv=None) -> int:
         for section in ("guidance", "generation", "host", "load", "scoring", "memory", "sampling_cpu"):
             if not results[section]:
                 results[section] = old.get(section, [])
-    path = report.publish(results, args.out, args.readme)
+    path = report.publish(results, args.out, args.readme, args.tables)
     print(f"wrote {path}")
     return 0
 

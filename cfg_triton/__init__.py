@@ -5,7 +5,7 @@ from .ops import guidance, triton_available, uses_triton
 from .processors import CFGLogitsProcessor, UnbatchedCFGLogitsProcessor
 from .sampler import generate
 from .sampling import sample
-from .scoring import score
+from .scoring import score, score_tokens
 from .transformers import patch_transformers
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "reference",
     "sample",
     "score",
+    "score_tokens",
     "token_logprobs",
     "triton_available",
     "uses_triton",

@@ -1,6 +1,6 @@
 """Compiles every kernel specialization the launcher can choose for sm_80 and sm_90, no GPU needed.
 
-    python -m cfg_triton.aot [--arch 80 90] [--json]
+    python -m cfg_triton.aot [--arch 80 90] [--json] [--one-per-kernel]
 
 Prints, per specialization and architecture, registers, spill bytes (local memory and stack) and
 shared memory, as read from the cubin by the `cuobjdump` shipped in the Triton wheel. Exits 1 if
@@ -33,8 +33,9 @@ def _resources(cubin: bytes) -> dict:
     return {"registers": regs, "stack": stack, "shared": shared, "local": local}
 
 
-def compile_all(archs=(80, 90)):
-    """One dict per (specialization, arch, alignment) with its resources."""
+def compile_all(archs=(80, 90), one_per_kernel=False):
+    """One dict per (specialization, arch, alignment) with its resources; `one_per_kernel`: the
+    first specialization of each kernel, aligned only (a quick check that every family compiles)."""
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -44,8 +45,13 @@ def compile_all(archs=(80, 90)):
     rows = []
     specs = [*guidance.specializations(), *token_logprobs.specializations(),
              *sampling.specializations()]
+    if one_per_kernel:
+        first = {}
+        for spec in specs:
+            first.setdefault(spec[0].__name__, spec)
+        specs = list(first.values())
     for kernel, signature, constexprs, num_warps in specs:
-        for aligned in (True, False):
+        for aligned in (True,) if one_per_kernel else (True, False):
             # The JIT marks pointers and ints divisible by 16; compile both that and the unaligned case.
             attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values())
                      if aligned and (t.startswith("*") or t == "i32")}
@@ -69,11 +75,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    parser.add_argument("--one-per-kernel", action="store_true",
+                        help="only the first specialization of each kernel, aligned")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    rows = compile_all(args.arch)
+    rows = compile_all(args.arch, args.one_per_kernel)
     if args.json:
         json.dump(rows, sys.stdout)
     else:

@@ -7,7 +7,7 @@ import math
 import sys
 import time
 
-from .processors import MIN_TEMPERATURE
+from .processors import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 
 def _number(low=-math.inf, high=math.inf, *, low_open=False, kind=float):
@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="smollm2 | gemma3 (bundled), a .gguf file or a model folder")
     gen.add_argument("--max-new-tokens", type=_number(1, 1e9, kind=int), default=64)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=_number(MIN_TEMPERATURE, 1e6), default=None,
+    gen.add_argument("--temperature", type=_number(MIN_TEMPERATURE, MAX_TEMPERATURE), default=None,
                      help="sampling temperature (1.0 when sampling)")
     gen.add_argument("--top-k", type=_number(1, 1e9, kind=int), default=None)
     gen.add_argument("--top-p", type=_number(0, 1, low_open=True), default=None)
@@ -122,13 +122,15 @@ def _eval(args, parser) -> int:
     except ImportError:
         parser.error("cfg-triton eval needs lm-evaluation-harness: pip install -e .[eval]")
     try:
+        evaluation.check_arguments(args.model, outputs=[("--json", args.json),
+                                                        ("--markdown", args.markdown)])
         report = evaluation.run(args.model, args.tasks, args.guidance_scale, mix=args.mix,
                                 normalize=not args.raw, negative_prompt=args.negative_prompt,
                                 limit=args.limit, batch_size=args.batch_size,
                                 lambada_path=args.lambada, include_path=args.include_path,
                                 device=args.device, log=lambda m: print(m, file=sys.stderr))
-    except FileNotFoundError as e:
-        parser.error(str(e).splitlines()[0])
+    except evaluation.BadArgument as e:
+        parser.error(f"argument {e.option}: {e.message.splitlines()[0]}")
     table = evaluation.markdown(report)
     print(table, end="")
     if args.json:

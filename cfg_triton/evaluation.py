@@ -22,6 +22,58 @@ def _metrics(task_result: dict) -> dict:
     return out
 
 
+class BadArgument(ValueError):
+    """An argument of `run` that cannot work, found before any model work: `option` names it as the
+    command line spells it."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(f"{option}: {message}")
+        self.option, self.message = option, message
+
+
+def check_arguments(model, *, lambada_path=None, include_path=None, device=None, outputs=()):
+    """Raises `BadArgument` for what would otherwise fail only after loading the model (or after
+    the whole run): the model source, the LAMBADA file's lines, the task folder, the device and
+    the folders that `outputs` (paths to write) go in."""
+    import json
+
+    import torch
+
+    from .models import _resolve
+
+    try:
+        _resolve(model)
+    except (FileNotFoundError, ModuleNotFoundError) as e:
+        raise BadArgument("--model", str(e)) from None
+    if lambada_path is not None:
+        path = Path(lambada_path).expanduser()
+        if not path.is_file():
+            raise BadArgument("--lambada", f"no LAMBADA file at {path}")
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    text = json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError):
+                    raise BadArgument("--lambada", f"{path.name} line {number} is not a JSON object "
+                                      "with a \"text\" string") from None
+                if not isinstance(text, str) or " " not in text.strip():
+                    raise BadArgument("--lambada", f"{path.name} line {number}: the text needs a context "
+                                      "and a last word, separated by a space")
+    if include_path is not None and not Path(include_path).expanduser().is_dir():
+        raise BadArgument("--include-path", f"no folder at {include_path}")
+    if device is not None:
+        try:
+            kind = torch.device(device).type
+        except RuntimeError as e:
+            raise BadArgument("--device", str(e).splitlines()[0]) from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise BadArgument("--device", f"{device} is not available: this torch build or machine "
+                              "has no CUDA device")
+    for option, target in outputs:
+        if target is not None and not Path(target).expanduser().resolve().parent.is_dir():
+            raise BadArgument(option, f"no folder to write {target} in")
+
+
 def run(model: str, tasks: list[str], guidance_scales: list[float], *, mix=None, normalize=True,
         negative_prompt=None, limit=None, batch_size=16, lambada_path=None, include_path=None,
         device=None, log=print) -> dict:
@@ -35,7 +87,9 @@ def run(model: str, tasks: list[str], guidance_scales: list[float], *, mix=None,
     from .harness import LOCAL_TASKS, sha256, write_local_tasks
 
     if "lambada_local" in tasks and lambada_path is None:
-        raise ValueError("task lambada_local needs the path of lambada_test.jsonl (--lambada)")
+        raise BadArgument("--lambada", "task lambada_local needs the path of lambada_test.jsonl")
+    check_arguments(model, lambada_path=lambada_path if "lambada_local" in tasks else None,
+                    include_path=include_path, device=device)
     if all(t in LOCAL_TASKS for t in tasks):
         for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
             os.environ.setdefault(var, "1")
@@ -48,6 +102,10 @@ def run(model: str, tasks: list[str], guidance_scales: list[float], *, mix=None,
         write_local_tasks(folder, lambada_path if "lambada_local" in tasks else None)
         paths = [folder] + ([str(include_path)] if include_path else [])
         manager = TaskManager(include_path=paths)
+        unknown = [t for t in tasks if t not in manager.all_tasks]
+        if unknown:
+            raise BadArgument("--tasks", f"unknown task {', '.join(map(repr, unknown))} (the harness's "
+                              "task names, the local ones, or those under --include-path)")
         lm = CFGLM(pretrained=model, guidance_scale=guidance_scales[0], mix=mix, normalize=normalize,
                    negative_prompt=negative_prompt, device=device, batch_size=batch_size)
         rows = []

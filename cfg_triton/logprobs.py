@@ -67,7 +67,8 @@ def token_logprobs(cond: torch.Tensor, uncond: torch.Tensor, targets: torch.Tens
         * `logprobs[i]` is `guidance(cond, uncond, ...)[i, targets[i]]`, with the same masking and
           NaN policy (`normalize=False` gives the raw combination `u + γ (c − u)`);
         * `greedy[i]` is whether `targets[i]` is the row's guided argmax, ties going to the lowest
-          index (as `torch.argmax`); it is False for a row holding NaN or `+inf` in either branch.
+          index (as `torch.argmax`); it is False for a row holding NaN or `+inf` in either branch,
+          and for a row with no finite guided score (all `-inf` in `cond`), where `sample` draws -1.
           The argmax ranks tokens by their exact guided scores computed from the logits, so it can
           differ from the argmax of a rounded `guidance` output only between tokens whose scores
           are within one rounding step.
@@ -141,5 +142,6 @@ def _torch_path(cond, uncond, targets, gamma, mix, mode):
         # row holds +inf or NaN.
         poisoned = ~((c.sum(-1, dtype=torch.float64) < float("inf"))
                      & (u.sum(-1, dtype=torch.float64) < float("inf")))
-        greedy[part] = (scores.argmax(-1) == t[:, 0]) & ~poisoned
+        top, first = scores.max(-1)  # the first maximum, as argmax; none in a row of all -inf
+        greedy[part] = (first == t[:, 0]) & (top > float("-inf")) & ~poisoned
     return logprobs, greedy

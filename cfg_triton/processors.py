@@ -33,14 +33,17 @@ def warp_scores(scores, temperature=1.0, top_k=None, top_p=None):
 
 
 MIN_TEMPERATURE = 1e-6
+# Beyond this the noise term of a draw, T·g (|g| < 18), could overflow float32 next to large scores,
+# and every distribution is already uniform over its kept tokens to within (score spread) / 1e6.
+MAX_TEMPERATURE = 1e6
 
 
 def check_warpers(temperature=1.0, top_k=None, top_p=None, min_p=None):
     """Raises a ValueError naming the first bad sampling parameter."""
     if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
-            or not MIN_TEMPERATURE <= temperature < math.inf):
-        raise ValueError(f"temperature must be a finite number >= {MIN_TEMPERATURE:g} (below it the "
-                         f"scaled scores overflow; use greedy decoding instead), got {temperature!r}")
+            or not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        raise ValueError(f"temperature must be in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (below, the "
+                         f"scaled scores overflow: use greedy decoding instead), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral)
                               or top_k < 1):
         raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
@@ -116,8 +119,12 @@ class UnbatchedCFGLogitsProcessor:
         if self.pass_positions:
             kw["position_ids"] = positions(self.mask)[:, -ids.shape[1]:]
         out = self.model(ids, **kw)
-        self.cache = (out.get("cache", out.get("past_key_values")) if hasattr(out, "get") else None) \
-            if self.use_cache else None
+        self.cache = None
+        if self.use_cache and hasattr(out, "get"):
+            # transformers 5 warns on any read of the old name: read it only where `cache` is absent.
+            self.cache = out.get("cache")
+            if self.cache is None:
+                self.cache = out.get("past_key_values")
         return out.logits[:, -1]
 
     def __call__(self, input_ids, scores):

@@ -5,8 +5,9 @@ is split across programs, on block sizes, or on any generator state: the same se
 the same token on every path, and a decode step needs no host-side state (seed and step may live
 on the device, inside a CUDA graph).
 
-The hash is the 32-bit MurmurHash3 finalizer, chained: a row key from (seed, row, step), then one
-value per token. `kernels/sampling.py` computes the same function in uint32 arithmetic.
+The hash is the 32-bit MurmurHash3 finalizer, chained: a row key from (seed, row, step) (all 64 bits
+of an int64 seed and step), then one value per token. `kernels/sampling.py` computes the same
+function in uint32 arithmetic.
 """
 from __future__ import annotations
 
@@ -32,11 +33,17 @@ def mix32(h):
 
 
 def _row_key(seed, row, step):
-    """The key of (seed, row, step), as Python ints or as int64 tensors."""
+    """The key of (seed, row, step) (int64 seeds and steps), as Python ints or as int64 tensors."""
     h = mix32((seed & _MASK) ^ GOLDEN)
     h = mix32(h ^ ((seed >> 32) & _MASK))
     h = mix32(h ^ row)
-    return mix32(h ^ (step & _MASK))
+    h = mix32(h ^ (step & _MASK))
+    # A step's high half is mixed in only where it is not 0: steps below 2**32 keep the keys they
+    # have always had, and steps 2**32 apart no longer share one.
+    high = (step >> 32) & _MASK
+    if isinstance(h, torch.Tensor):
+        return torch.where(high != 0, mix32(h ^ high), h)
+    return mix32(h ^ high) if high else h
 
 
 def row_keys(seed, step, batch: int = None, device=None) -> torch.Tensor:

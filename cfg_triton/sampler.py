@@ -199,6 +199,8 @@ def _seed(seed, generator) -> int:
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+        if not -(2**63) <= seed < 2**63:
+            raise ValueError(f"seed must fit in int64, got {seed}")
         return int(seed)
     device = generator.device if generator is not None else "cpu"
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())

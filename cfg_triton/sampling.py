@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 from . import rng, torch_impl
+from .processors import MAX_TEMPERATURE
 from .ops import _aligned, _num_sms, _per_row, _stats_scratch, checked_inputs, uses_triton
 
 try:
@@ -48,10 +49,17 @@ def _integers(name, value, like, *, low):
                              f"{tuple(value.shape)}")
         rows = value.to(torch.int64).expand(batch)
     else:
-        rows = torch.full((batch,), int(value), dtype=torch.int64, device=like.device)
+        rows = torch.full((batch,), _int64(name, value), dtype=torch.int64, device=like.device)
     if low is not None and rows.device.type == "cpu" and batch and bool((rows < low).any()):
         raise ValueError(f"{name} must be >= {low}")
     return rows
+
+
+def _int64(name, value) -> int:
+    # A seed or step beyond int64 would hash as its low 64 bits, alike with another's.
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"{name} must fit in int64, got {value}")
+    return int(value)
 
 
 def _plain_int(value) -> bool:
@@ -104,12 +112,13 @@ def sample(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale, *, mix=None
         cond, uncond, guidance_scale, mix, normalize)
     if cond.shape[1] == 0:
         raise ValueError("cond and uncond have an empty vocabulary (V = 0)")
-    temp, temp_rows = _filter_value("temperature", temperature, cond, 0.0, float("inf"))
+    temp, temp_rows = _filter_value("temperature", temperature, cond, 0.0, MAX_TEMPERATURE)
     top_k = None if top_k is None else _integers("top_k", top_k, cond, low=0)
     top_p = None if top_p is None else _filter_value("top_p", top_p, cond, 0.0, 1.0, low_open=True)
     min_p = None if min_p is None else _filter_value("min_p", min_p, cond, 0.0, 1.0)
     if _plain_int(seed) and _plain_int(step):
-        keys = functools.partial(rng.row_keys, int(seed), int(step), cond.shape[0], cond.device)
+        keys = functools.partial(rng.row_keys, _int64("seed", seed), _int64("step", step),
+                                 cond.shape[0], cond.device)
     else:
         seeds, steps = _integers("seed", seed, cond, low=None), _integers("step", step, cond, low=None)
         keys = functools.partial(rng.row_keys, seeds, steps)

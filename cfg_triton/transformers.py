@@ -29,10 +29,11 @@ import inspect
 import sys
 import threading
 import warnings
+import weakref
 
 import torch
 
-from .lm import positions
+from .lm import narrow_linears, positions
 from .processors import CFGLogitsProcessor, UnbatchedCFGLogitsProcessor
 
 _NAMES = ("ClassifierFreeGuidanceLogitsProcessor", "UnbatchedClassifierFreeGuidanceLogitsProcessor")
@@ -92,6 +93,8 @@ def _install():
     if not _state:
         _state["classes"] = {n: getattr(logits_process, n) for n in _NAMES}
         _state["generate"] = GenerationMixin.generate
+        _state["positional"] = [p.name for p in inspect.signature(GenerationMixin.generate).parameters.values()
+                                if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD][1:]
     for module in _transformers_modules():
         for name in _NAMES:
             # __dict__, not getattr: a lazy module must not import everything it could.
@@ -110,26 +113,59 @@ def _uninstall():
     GenerationMixin.generate = _state["generate"]
 
 
+def _warn_once(message):
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(f"cfg_triton: {message}", stacklevel=3)
+
+
+# The cache keywords of generate: transformers 5 takes `cache`, 4.x `past_key_values`.
+_CACHE_KEYWORDS = ("cache", "past_key_values")
+# Caches returned by paired calls: they hold both branches, padded to one length.
+_paired_caches = weakref.WeakSet()
+
+
 def _generate(self, *args, **kwargs):
     """GenerationMixin.generate under the patch: a paired view where the call allows it."""
-    pairing = _plan(self, args, kwargs)
+    # Positional arguments by name (a GenerationConfig is often passed second), so that the plan
+    # sees the call as transformers will.
+    names = _state["positional"]
+    if len(args) > len(names):
+        return _state["generate"](self, *args, **kwargs)  # transformers reports the bad call
+    call = {**dict(zip(names, args)), **kwargs}
+    pairing = _plan(self, call)
     if isinstance(pairing, str):
-        if pairing not in _warned:
-            _warned.add(pairing)
-            warnings.warn(f"cfg_triton: CFG runs transformers' sequential loop (with the fused "
-                          f"processor) because of {pairing}", stacklevel=2)
+        _warn_once(f"CFG runs transformers' sequential loop (with the fused processor) because of "
+                   f"{pairing}")
         pairing = None
-    target = self if pairing is None else _paired_view(self, pairing)
-    return _state["generate"](target, *args, **kwargs)
+    passed = [k for k in _CACHE_KEYWORDS if call.get(k) is not None]
+    if passed and (pairing is not None or any(call[k] in _paired_caches for k in passed)):
+        # A paired cache holds both branches, each padded to one length; any other holds the
+        # conditional rows alone. Neither extends as the other, and re-reading the ids gives the
+        # tokens of transformers' own continuation (whose unconditional branch restarts from the
+        # negative prompt too), at the cost of one prefill.
+        _warn_once("a guided generate given a cache re-reads its input ids: the paired view "
+                   "cannot extend a cache (the one it returns holds both branches)")
+        for k in passed:
+            del call[k]
+    if pairing is None:
+        return _state["generate"](self, **call)
+    # The paired forward's few rows take the same CPU matmul route as cfg_triton.generate's.
+    with narrow_linears(self):
+        out = _state["generate"](_paired_view(self, pairing), **call)
+    cache = next((out[k] for k in _CACHE_KEYWORDS if isinstance(out, dict) and k in out), None)
+    if cache is not None:
+        _paired_caches.add(cache)
+    return out
 
 
-def _plan(model, args, kwargs):
-    """A `_Pairing` for a call the paired view serves, a reason string for one it cannot, or None
-    for a call without guidance."""
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+def _plan(model, call):
+    """A `_Pairing` for a call (its arguments by name) the paired view serves, a reason string for
+    one it cannot, or None for a call without guidance."""
+    config = call.get("generation_config") or getattr(model, "generation_config", None)
 
     def option(name, default=None):
-        return kwargs[name] if name in kwargs else getattr(config, name, default)
+        return call[name] if name in call else getattr(config, name, default)
 
     scale = option("guidance_scale")
     if scale is None or scale == 1:
@@ -140,25 +176,29 @@ def _plan(model, args, kwargs):
         (sequential, "patch_transformers(sequential=True)"),
         (getattr(model.config, "is_encoder_decoder", False), "an encoder-decoder model"),
         ((option("num_beams", 1) or 1) > 1, "beam search (num_beams > 1)"),
-        (kwargs.get("assistant_model") is not None or option("prompt_lookup_num_tokens") is not None,
+        (call.get("assistant_model") is not None or option("prompt_lookup_num_tokens") is not None,
          "assisted decoding"),
         ((option("penalty_alpha") or 0) > 0 and (option("top_k") or 0) > 1, "contrastive search"),
         (option("cache_implementation") is not None, "a cache_implementation (static caches)"),
-        (kwargs.get("inputs_embeds") is not None, "inputs_embeds"),
-        (bool(kwargs.get("synced_gpus")), "synced_gpus"),
-        (kwargs.get("custom_generate") is not None, "custom_generate"),
+        (call.get("inputs_embeds") is not None, "inputs_embeds"),
+        (bool(call.get("synced_gpus")), "synced_gpus"),
+        (call.get("custom_generate") is not None, "custom_generate"),
         ("forward" in vars(model), "a forward replaced on the model instance (offloading hooks)"),
     ]
     for applies, reason in reasons:
         if applies:
             return reason
-    ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    ids = call.get("input_ids", call.get("inputs"))
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         return "inputs that are not a [B, T] tensor of token ids"
-    negative = kwargs.get("negative_prompt_ids")
-    mask = kwargs.get("negative_prompt_attention_mask")
+    negative = call.get("negative_prompt_ids")
+    mask = call.get("negative_prompt_attention_mask")
     if negative is None:  # transformers' default unconditional input: the prompt's last token
         negative, mask = ids[:, -1:], None
+    if negative.shape[1] > ids.shape[1] and (option("output_hidden_states")
+                                             or option("output_attentions")):
+        # Both branches are padded to the longer one's length, which these outputs would show.
+        return "output_hidden_states or output_attentions with a negative prompt longer than the prompt"
     return _Pairing(ids.shape[1], negative, torch.ones_like(negative) if mask is None else mask)
 
 

@@ -196,9 +196,9 @@ def _token_finish_kernel(
         c_row, u_row, stats_row, 8, n_splits, _TOKEN_STATS, MAX_SPLITS, gamma, mix, c_ref, u_ref,
         lse_c, live_const, masked_const, MODE)
     best, _ = _pick(live_idx, live_score, masked_idx, masked_score)
-    best = tl.where(best == _NO_INDEX, 0, best)  # nothing finite: the argmax of all -inf is 0
+    # A row with nothing finite has no argmax (`sample` draws -1 there): its target is not greedy.
     bad = _split_sum(stats_row, 7, n_splits, _TOKEN_STATS, MAX_SPLITS)
-    greedy = valid & (bad == 0) & (best == target)
+    greedy = valid & (bad == 0) & (best != _NO_INDEX) & (best == target)
     tl.store(greedy_ptr + row, greedy.to(tl.int8))
 
 

@@ -4,8 +4,8 @@
 
 Each mutation replaces one line-sized piece of source text and runs only the tests meant to catch
 it (in the copy, imported ahead of the installed package). A mutation that leaves those tests green
-has survived: the suite has a hole there. Exits 1 if any survived. Takes a few minutes; not part of
-CI.
+has survived: the suite has a hole there. Exits 1 if any survived. Takes about 15 minutes on 2
+cores; not part of CI.
 """
 from __future__ import annotations
 
@@ -65,6 +65,91 @@ MUTATIONS = [
     ("the 2x batch halves are swapped", "cfg_triton/sampler.py",
      "        return logits[0].chunk(2)\n", "        return logits[0].chunk(2)[::-1]\n",
      ["tests/test_sampler.py", "-k", "greedy_matches_transformers and batched"]),
+    # sampling.py: the torch path of `sample`
+    ("dead rows are not found", "cfg_triton/sampling.py",
+     'dead = ~(s_max[:, 0] > float("-inf"))', "dead = s_max[:, 0] != s_max[:, 0]",
+     ["tests/test_sampling.py", "-k", "dead_and_poisoned and torch"]),
+    ("top-k drops the tokens tied with the k-th", "cfg_triton/sampling.py",
+     "keep &= (ranked >= kth) | ~on", "keep &= (ranked > kth) | ~on",
+     ["tests/test_sampling.py", "-k", "draw_frequencies and top_k"]),
+    ("top-p counts a token's own mass as before it", "cfg_triton/sampling.py",
+     "before = torch.cumsum(mass, dim=-1) - mass", "before = torch.cumsum(mass, dim=-1)",
+     ["tests/test_sampling.py", "-k", "draw_frequencies and top_p"]),
+    ("min-p ignores the temperature", "cfg_triton/sampling.py",
+     "s_max + t * torch.log(m)", "s_max + torch.log(m)",
+     ["tests/test_sampling.py", "-k", "per_row_parameters"]),
+    ("the draw ignores the temperature", "cfg_triton/sampling.py",
+     "noisy = noise.mul_(t).add_(ranked)", "noisy = noise.add_(ranked)",
+     ["tests/test_sampling.py", "-k", "draw_frequencies and none-normalized"]),
+    ("dead rows draw a token", "cfg_triton/sampling.py",
+     "tokens = torch.where(dead, -1, tokens)", "tokens = tokens",
+     ["tests/test_sampling.py", "-k", "dead_and_poisoned and torch"]),
+    ("banned tokens are re-masked only when every row has one", "cfg_triton/torch_impl.py",
+     "if bool((c.amin(dim=-1) == NEG_INF).any()):", "if bool((c.amin(dim=-1) == NEG_INF).all()):",
+     ["tests/test_sampling.py", "-k", "banned_tokens_in_some_rows and torch"]),
+    # rng.py: the noise
+    ("rows share one key", "cfg_triton/rng.py", "h = mix32(h ^ row)", "h = mix32(h ^ 0)",
+     ["tests/test_sampling.py", "-k", "golden or seeds_and_steps"]),
+    ("the uniform takes the wrong bits", "cfg_triton/rng.py", "out.copy_(h >> 8)", "out.copy_(h >> 9)",
+     ["tests/test_sampling.py", "-k", "golden"]),
+    ("token hashes drop the golden offset", "cfg_triton/rng.py",
+     "dtype=torch.int64) + GOLDEN)", "dtype=torch.int64) + 1)",
+     ["tests/test_sampling.py", "-k", "kernel_noise or golden"]),
+    ("steps 2**32 apart share their noise", "cfg_triton/rng.py",
+     "return mix32(h ^ high) if high else h", "return h",
+     ["tests/test_sampling.py", "-k", "seeds_and_steps or golden"]),
+    # kernels/
+    ("the kernels' uniform is off by a quarter", "kernels/sampling.py",
+     "u = ((h >> 8).to(tl.float32) + 0.5)", "u = ((h >> 8).to(tl.float32) + 0.25)",
+     ["tests/test_sampling.py", "-k", "kernel_noise"]),
+    ("the fast accept keeps a draw ranked k+1", "kernels/sampling.py",
+     "(_at(count, 0, PIVOTS) < k)", "(_at(count, 0, PIVOTS) <= k)",
+     ["tests/test_sampling.py", "-k", "kernels_draw_the_torch_paths_tokens and top_k"]),
+    ("the fast accept checks top-p against all the mass under top-k", "kernels/sampling.py",
+     "ok_p = tl.where(k_on, above < p * _at(mass, 1, PIVOTS), above < p * total)",
+     "ok_p = above < p * total",
+     ["tests/test_sampling.py", "-k", "kernels_draw_the_torch_paths_tokens and all"]),
+    ("the scoring kernel calls a poisoned row's target greedy", "kernels/token_logprobs.py",
+     "greedy = valid & (bad == 0) & (best != _NO_INDEX)", "greedy = valid & (best != _NO_INDEX)",
+     ["tests/test_logprobs.py", "-k", "masks_and_bad and interpreter"]),
+    # logprobs.py
+    ("every chunk takes the first chunk's scales", "cfg_triton/logprobs.py",
+     "torch_impl.guidance(c, u, _rows(gamma, part), _rows(mix, part)",
+     "torch_impl.guidance(c, u, _rows(gamma, slice(0, step)), _rows(mix, slice(0, step))",
+     ["tests/test_logprobs.py", "-k", "chunks"]),
+    ("a dead row's target is greedy", "cfg_triton/logprobs.py",
+     '(first == t[:, 0]) & (top > float("-inf"))', "(first == t[:, 0])",
+     ["tests/test_logprobs.py", "-k", "masks_and_bad and torch"]),
+    # scoring.py
+    ("truncation keeps one token too few", "cfg_triton/scoring.py",
+     "cond_rows.append((ctx + cont)[-(max_length + 1):-1])", "cond_rows.append((ctx + cont)[-max_length:-1])",
+     ["tests/test_scoring.py", "-k", "truncation or long_inputs"]),
+    ("the negative branch is not truncated", "cfg_triton/scoring.py",
+     "uncond_rows.append((neg + cont)[-(max_length + 1):-1])", "uncond_rows.append((neg + cont)[:-1])",
+     ["tests/test_scoring.py", "-k", "truncation or long_inputs"]),
+    # transformers.py: the drop-in
+    ("negatives are tiled, not interleaved, for return sequences", "cfg_triton/transformers.py",
+     "self.negative = self.negative.repeat_interleave(copies, dim=0)",
+     "self.negative = self.negative.repeat(copies, 1)",
+     ["tests/test_transformers.py", "-k", "own_negatives"]),
+    ("positional arguments are not seen", "cfg_triton/transformers.py",
+     "call = {**dict(zip(names, args)), **kwargs}", "call = {**kwargs, 'inputs': args[0]}",
+     ["tests/test_transformers.py", "-k", "positional"]),
+    ("top-k sampling is taken for contrastive search", "cfg_triton/transformers.py",
+     '((option("penalty_alpha") or 0) > 0 and (option("top_k") or 0) > 1, "contrastive search")',
+     '((option("top_k") or 0) > 1, "contrastive search")',
+     ["tests/test_transformers.py", "-k", "stays_paired"]),
+    ("the paired forward skips the narrow matmul route", "cfg_triton/transformers.py",
+     "    with narrow_linears(self):\n", "    with narrow_linears(torch.nn.Module()):\n",
+     ["tests/test_transformers.py", "-k", "matmul_route"]),
+    # harness.py
+    ("an empty continuation is not greedy", "cfg_triton/harness.py",
+     "(next(found) if len(r[2]) else (0.0, True))", "(next(found) if len(r[2]) else (0.0, False))",
+     ["tests/test_harness.py", "-k", "empty_continuation"]),
+    ("the harness drops the negative prompt", "cfg_triton/harness.py",
+     "negatives=negatives, guidance_scale=self.guidance_scale,",
+     "negatives=None, guidance_scale=self.guidance_scale,",
+     ["tests/test_harness.py", "-k", "negative_prompt_reaches"]),
 ]
 
 
@@ -102,8 +187,10 @@ def main(argv=None) -> int:
                 continue
             source.write_text(original.replace(old, new))
             start = time.perf_counter()
+            # Slow tests count too: a mutant's tests are chosen by name, whatever their mark.
             proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                                   *tests], cwd=copy, env=env, capture_output=True, text=True)
+                                   "-m", "slow or not slow", *tests], cwd=copy, env=env,
+                                  capture_output=True, text=True)
             source.write_text(original)
             caught = proc.returncode == 1  # tests failed (2+ would be an error of the run itself)
             if proc.returncode not in (0, 1):

@@ -84,11 +84,34 @@ def start_aot():
     return process, out, err
 
 
+# The interpreter runs one program at a time in Python: past this many logits per branch a case
+# costs seconds. The default run keeps the small shapes, which cover each class (a row split across
+# programs with a ragged last tile, many rows, V = 1); `pytest -m slow` runs the large ones.
+INTERPRETED_DEFAULT_ELEMENTS = 30_000
+
+
+def _large_interpreted(item) -> bool:
+    params = getattr(item, "callspec", None)
+    params = params.params if params is not None else {}
+    shape = params.get("shape")
+    return params.get("backend") == "interpreter" and shape is not None \
+        and shape[0] * shape[1] > INTERPRETED_DEFAULT_ELEMENTS
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these marks
 def pytest_collection_modifyitems(session, config, items):
-    aot = [item for item in items if item.path.name == "test_aot.py"]
-    if aot and cfg_triton.triton_available() and len(aot) < len(items):
-        items[:] = [item for item in items if item.path.name != "test_aot.py"] + aot
-        config.stash[AOT] = start_aot()
+    for item in items:
+        if _large_interpreted(item):
+            item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: item.path.name == "test_aot.py")  # stable: the AOT checks last
+
+
+def pytest_collection_finish(session):
+    # After `-m`: the full compile grid starts only in a session that runs its checks.
+    grid = [item for item in session.items if item.path.name == "test_aot.py"
+            and item.get_closest_marker("slow")]
+    if grid and cfg_triton.triton_available() and len(grid) < len(session.items):
+        session.config.stash[AOT] = start_aot()
 
 
 def pytest_unconfigure(config):

@@ -1,5 +1,11 @@
-"""Every kernel specialization compiles for sm_80 and sm_90 (no GPU needed) without spilling."""
+"""Every kernel specialization compiles for sm_80 and sm_90 (no GPU needed) without spilling.
+
+The full grid (over a thousand compiles, minutes) is `slow`; the default run compiles one
+specialization of each kernel for sm_90."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from conftest import AOT, start_aot
@@ -24,6 +30,7 @@ def compiled(request):
     return json.loads(stdout), returncode
 
 
+@pytest.mark.slow
 def test_every_specialization_compiles_for_sm80_and_sm90(compiled):
     rows, _ = compiled
     n = len(list(kernels.specializations()))
@@ -43,9 +50,24 @@ def test_every_specialization_compiles_for_sm80_and_sm90(compiled):
         assert sum(r["arch"] == arch for r in rows) == 2 * n  # aligned and unaligned
 
 
+@pytest.mark.slow
 def test_no_specialization_spills(compiled):
     rows, returncode = compiled
     spilling = [r for r in rows if r["local"] or r["stack"]]
     assert not spilling, spilling
     assert returncode == 0
     assert max(r["registers"] for r in rows) <= 128  # leaves room for two blocks of 256 threads per SM
+
+
+def test_every_kernel_family_compiles_for_sm90():
+    if not cfg_triton.triton_available():
+        pytest.skip("triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "cfg_triton.aot", "--json", "--arch", "90",
+                           "--one-per-kernel"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout)
+    names = {spec[0].__name__ for module in (kernels, token_logprobs, sampling)
+             for spec in module.specializations()}
+    assert {r["kernel"] for r in rows} == names and len(rows) == len(names)
+    assert not [r for r in rows if r["local"] or r["stack"]]

@@ -54,17 +54,23 @@ def test_summary_divides_by_calls_and_computes_ratios(raw_gpu):
 
 
 def test_run_publishes_file_plot_and_readme_table(raw_gpu, tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- bench:cuda:start -->\nold\n<!-- bench:cuda:end -->\nrest\n")
-    assert run.main(["--raw", str(raw_gpu), "--out", str(tmp_path / "results"), "--readme", str(readme)]) == 0
+    readme, tables = tmp_path / "README.md", tmp_path / "docs" / "benchmarks.md"
+    readme.write_text("intro\n<!-- bench:cuda:headline:start -->\nold\n<!-- bench:cuda:headline:end -->\nrest\n")
+    tables.parent.mkdir()
+    tables.write_text("intro\n<!-- bench:cuda:start -->\nold\n<!-- bench:cuda:end -->\nrest\n")
+    assert run.main(["--raw", str(raw_gpu), "--out", str(tmp_path / "results"), "--readme", str(readme),
+                     "--tables", str(tables)]) == 0
     saved = json.loads((tmp_path / "results" / "cuda-nvidia-h100-80gb-hbm3.json").read_text())
     assert saved["machine"]["name"] == GPU["name"] and saved["copy_gbps"] > 0
     png = tmp_path / "results" / "cuda-nvidia-h100-80gb-hbm3.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    text = readme.read_text()
+    text = tables.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
     assert "NVIDIA H100 80GB HBM3" in text and "| normalized | bfloat16 | 1 | 262,144 | 10 ± 1 |" in text
-    assert "results/cuda-nvidia-h100-80gb-hbm3.png" in text
+    assert "../results/cuda-nvidia-h100-80gb-hbm3.png" in text
+    headline = readme.read_text()
+    assert "old" not in headline and report.generation_table(saved) in headline
+    assert "| normalized |" not in headline
 
 
 def test_plot_of_the_committed_cpu_results(tmp_path):
@@ -78,10 +84,11 @@ def test_plot_of_the_committed_cpu_results(tmp_path):
 def test_readme_tables_are_the_generated_ones():
     (results_file,) = (ROOT / "bench" / "results").glob("cpu-*.json")
     results = json.loads(results_file.read_text())
-    readme = (ROOT / "README.md").read_text()
-    assert report.guidance_table(results) in readme
-    assert report.generation_table(results) in readme
-    assert report.scoring_table(results) in readme and report.sampling_table(results) in readme
+    tables = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert report.guidance_table(results) in tables
+    assert report.generation_table(results) in tables
+    assert report.scoring_table(results) in tables and report.sampling_table(results) in tables
+    assert report.generation_table(results) in (ROOT / "README.md").read_text()
 
 
 def test_gpu_script_parses_and_helps():
@@ -108,6 +115,7 @@ socket.create_connection = _refuse
 '''
 
 
+@pytest.mark.slow
 def test_gpu_command_runs_offline_in_smoke_mode(tmp_path):
     """bench/gpu.sh end to end on the CPU at tiny sizes: no package index, no hub, every socket
     connection refused; the summary comes last and the files are what a GPU run returns."""

@@ -30,6 +30,7 @@ def _prompts():
                                                  negative_attention_mask=neg_mask.to(DEVICE))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, mix", [("batched", 0.7), ("sequential", None)])
 def test_compiled_greedy_equals_eager(model, mode, mix):
     ids, mask, neg = _prompts()
@@ -41,6 +42,7 @@ def test_compiled_greedy_equals_eager(model, mode, mix):
     assert cfg_triton.generate(model, ids, mask, compile=True, **kw).tolist() == eager.tolist()
 
 
+@pytest.mark.slow
 def test_compiled_sampling_equals_eager_at_a_fixed_seed(model):
     ids, mask, neg = _prompts()
     kw = dict(mix=0.7, guidance_scale=2.0, max_new_tokens=10, min_new_tokens=10, do_sample=True,

@@ -15,7 +15,7 @@ SEMANTICS = {
 }
 # Every shape class: one row split across programs, a few rows, a batch of 64 with a V that is not a
 # multiple of the tile, and the vocabularies of SmolLM2, Qwen and Gemma 3.
-SHAPES = [(1, 262_144), (2, 151_936), (3, 49_152), (64, 2_049), (5, 1)]
+SHAPES = [(1, 262_144), (2, 151_936), (3, 49_152), (64, 2_049), (2, 10_007), (9, 1_031), (5, 1)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")

@@ -76,6 +76,7 @@ def _lambada_hits(model, tok, gamma, limit):
     return hits
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not LAMBADA.exists(), reason=f"no LAMBADA file at {LAMBADA}")
 def test_lambada_through_the_harness_matches_direct_scoring(harness, smollm2):
     model, tok = smollm2
@@ -85,6 +86,7 @@ def test_lambada_through_the_harness_matches_direct_scoring(harness, smollm2):
         assert round(result["acc,none"] * limit) == _lambada_hits(model, tok, gamma, limit), gamma
 
 
+@pytest.mark.slow
 def test_multiple_choice_through_the_harness(harness, smollm2):
     model, tok = smollm2
     docs = [json.loads(line) for line in
@@ -157,6 +159,7 @@ def test_cfg_triton_eval_needs_the_lambada_path(capsys):
     assert err.count("\n") == 1 and "--lambada" in err
 
 
+@pytest.mark.slow
 def test_harness_command_line_knows_cfg(tmp_path):
     from cfg_triton.harness import write_local_tasks
 
@@ -168,3 +171,52 @@ def test_harness_command_line_knows_cfg(tmp_path):
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "facts_mc" in done.stdout and "acc" in done.stdout
+
+
+def test_an_empty_continuation_scores_as_hflm_does(harness, smollm2):
+    """An empty multiple-choice option: log-probability 0 and greedy, as `HFLM` scores it; the
+    other requests of the batch keep their own scores."""
+    from cfg_triton.scoring import score_tokens
+
+    lm, _ = harness
+    model, tok = smollm2
+    lm.guidance_scale = 1.5
+    context = tok.encode("The sky is", add_special_tokens=False)
+    options = [tok.encode(" blue", add_special_tokens=False), []]
+    got = lm._loglikelihood_tokens([(None, context, cont) for cont in options], disable_tqdm=True)
+    alone = score_tokens(model, [context], [options[0]], guidance_scale=1.5)
+    assert got[1] == (0.0, True)
+    assert got[0] == (pytest.approx(float(alone.logprobs[0]), abs=1e-5), bool(alone.greedy[0]))
+    assert lm._loglikelihood_tokens([(None, context, [])], disable_tqdm=True) == [(0.0, True)]
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--tasks", "no_such_task"], "--tasks"),
+    (["--model", "no-such-model"], "--model"),
+    (["--tasks", "lambada_local", "--lambada", "{bad}"], "--lambada"),
+    (["--tasks", "lambada_local", "--lambada", "{no_word}"], "--lambada"),
+    (["--device", "cuda"], "--device"),
+    (["--device", "warp-drive"], "--device"),
+    (["--json", "{missing}/r.json"], "--json"),
+    (["--markdown", "{missing}/r.md"], "--markdown"),
+    (["--include-path", "{missing}"], "--include-path"),
+])
+def test_cfg_triton_eval_refuses_bad_arguments_before_model_work(args, option, tmp_path, capsys,
+                                                                   monkeypatch):
+    import cfg_triton.harness
+
+    if option == "--device" and "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(cfg_triton.harness.CFGLM, "__init__",
+                        lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    (tmp_path / "bad.jsonl").write_text('{"text": "one two"}\nnot json\n')
+    (tmp_path / "no_word.jsonl").write_text('{"text": "oneword"}\n')
+    paths = {"bad": tmp_path / "bad.jsonl", "no_word": tmp_path / "no_word.jsonl",
+             "missing": tmp_path / "missing"}
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["eval", "--tasks", "facts_mc", *[a.format(**paths) for a in args]])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"argument {option}:" in err, err

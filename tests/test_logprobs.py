@@ -14,7 +14,7 @@ SEMANTICS = {
 }
 # One row split across programs, a few rows, many short rows with a V that is not a multiple of
 # the tile, and a single-token vocabulary.
-SHAPES = [(1, 262_144), (3, 49_152), (64, 2_049), (5, 1)]
+SHAPES = [(1, 262_144), (3, 49_152), (64, 2_049), (2, 10_007), (9, 1_031), (5, 1)]
 
 
 def _targets(batch, vocab):
@@ -27,8 +27,8 @@ def _gathered(full, targets):
 
 def _greedy(full, targets):
     """The spec of `greedy`: the target is the row's argmax (lowest index on ties), and the row
-    holds no NaN."""
-    return (full.argmax(-1) == targets) & ~torch.isnan(full).any(-1)
+    holds no NaN and some finite score."""
+    return (full.argmax(-1) == targets) & ~torch.isnan(full).any(-1) & (full.amax(-1) > float("-inf"))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -71,8 +71,9 @@ def test_masks_and_bad_input_follow_guidance(backend, semantics):
     assert torch.equal(torch.isnan(lp), torch.isnan(want))
     finite = torch.isfinite(want)
     torch.testing.assert_close(lp[finite].double(), want[finite], rtol=1e-6, atol=1e-3)
-    # Row 2 is all -inf: its argmax is token 0, as torch.argmax of an all -inf row.
-    assert greedy.tolist() == [False, False, True, False, False, True]
+    # Row 2 is all -inf: it has no argmax (sample draws -1 there), so no target is greedy.
+    assert greedy.tolist() == [False, False, False, False, False, True]
+    assert cfg_triton.sample(cond[2:3], uncond[2:3], 2.0, temperature=0, **kw).tolist() == [-1]
     full = cfg_triton.guidance(cond, uncond, 2.0, **kw)
     assert torch.equal(torch.isnan(lp), torch.isnan(_gathered(full, targets)))
 
@@ -179,3 +180,20 @@ def test_mix_needs_normalization():
     with pytest.raises(ValueError, match="normalize=False"):
         cfg_triton.token_logprobs(torch.zeros(1, 5), torch.zeros(1, 5), torch.tensor([0]), 1.5,
                                   mix=0.5, normalize=False)
+
+
+def test_per_row_scales_across_torch_path_chunks(monkeypatch):
+    """The torch path works through row chunks: each chunk takes its own rows' γ and α."""
+    from cfg_triton import logprobs
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(logprobs, "_TORCH_CHUNK_ELEMENTS", 3 * 500)  # chunks of 3 rows: 3, 3, 3, 1
+    cond, uncond = logits(10, 500), logits(10, 500)
+    targets = torch.randint(0, 500, (10,))
+    gamma, mix = torch.linspace(-1, 4, 10), torch.linspace(0, 1, 10)
+    for kw in ({}, dict(mix=mix), dict(normalize=False)):
+        lp, greedy = cfg_triton.token_logprobs(cond, uncond, targets, gamma, **kw)
+        ref = expected(cond, uncond, gamma[:, None].double(),
+                       **{k: (v[:, None] if k == "mix" else v) for k, v in kw.items()})
+        torch.testing.assert_close(lp.double(), _gathered(ref, targets), rtol=1e-5, atol=1e-4)
+        assert torch.equal(greedy, _greedy(ref, targets))

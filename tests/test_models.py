@@ -15,6 +15,7 @@ LOAD = ("import sys, torch; from cfg_triton import models; "
         "assert next(m.parameters()).dtype == getattr(torch, sys.argv[1])")
 
 
+@pytest.mark.slow
 def test_two_processes_convert_into_one_empty_cache(smollm2, tmp_path, monkeypatch):
     """Both first loads succeed, one of them in bfloat16; the cache holds one complete float32
     checkpoint and nothing else; a later default load returns the float32 weights, not bf16 ones."""

@@ -83,6 +83,7 @@ def test_unbatched_processor_takes_a_guidance_scale_per_row(smollm2):
         torch.testing.assert_close(rows[i : i + 1], theirs(ids[i : i + 1], scores[i : i + 1]), **FP32)
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_patch_transformers_uses_fused_processor_and_undoes(smollm2, monkeypatch):
     model, tok = smollm2
@@ -129,6 +130,7 @@ def test_warper_arguments_are_checked(kw, match):
         warp_scores(logits(2, 100), **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_command_generates_and_compares(smollm2, capsys):
     from cfg_triton import cli

@@ -36,11 +36,17 @@ def _left_padded(tok, texts):
     return _padded(tok, texts, "left")
 
 
-@pytest.mark.parametrize("mode", ["batched", "sequential"])
-@pytest.mark.parametrize("negative", [False, True], ids=["last-token", "negative-prompt"])
-def test_greedy_matches_transformers(smollm2, mode, negative):
+@pytest.mark.parametrize("mode, negative, path", [
+    # The default run: the torch path (what a CPU runs) on one prompt.
+    ("batched", True, "torch"),
+    # Every combination through the interpreted kernels on every prompt.
+    *[pytest.param(mode, negative, "interpreter", marks=pytest.mark.slow)
+      for mode in ("batched", "sequential") for negative in (False, True)],
+], ids=lambda v: {True: "negative-prompt", False: "last-token"}.get(v, v) if isinstance(v, bool) else v)
+def test_greedy_matches_transformers(smollm2, mode, negative, path, monkeypatch):
     model, tok = smollm2
-    for i, prompt in enumerate(PROMPTS):
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if path == "interpreter" else "0")
+    for i, prompt in enumerate(PROMPTS if path == "interpreter" else PROMPTS[:1]):
         ids = _ids(tok, prompt)
         neg = _ids(tok, NEGATIVES[i]) if negative else None
         theirs = model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
@@ -50,6 +56,7 @@ def test_greedy_matches_transformers(smollm2, mode, negative):
         assert ours.tolist() == theirs.tolist(), prompt
 
 
+@pytest.mark.slow
 def test_greedy_matches_transformers_on_gemma3(gemma3):
     """A second architecture and the largest vocabulary (262,144), with a negative prompt."""
     model, tok = gemma3
@@ -62,6 +69,7 @@ def test_greedy_matches_transformers_on_gemma3(gemma3):
         assert ours.tolist() == theirs.tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["batched", "sequential"])
 def test_padded_batch_gives_each_rows_solo_output(smollm2, mode):
     model, tok = smollm2
@@ -76,6 +84,7 @@ def test_padded_batch_gives_each_rows_solo_output(smollm2, mode):
         assert batch[i, : ids.shape[1]].tolist() == ids[i].tolist()
 
 
+@pytest.mark.slow
 def test_interpolated_matches_full_recompute_loop(smollm2):
     """The original proposal, literally: recompute both branches from scratch every step, combine in
     float64 with the reference, take the argmax."""
@@ -96,6 +105,7 @@ def test_interpolated_matches_full_recompute_loop(smollm2):
         assert ours.tolist() == cond_seq.tolist()
 
 
+@pytest.mark.slow
 def test_eos_stops_rows_and_pads_them(smollm2):
     model, tok = smollm2
     ids, mask = _left_padded(tok, PROMPTS[:2])
@@ -183,6 +193,7 @@ def _right_padded(tok, texts):
     return _padded(tok, texts, "right")
 
 
+@pytest.mark.slow
 def test_right_padded_batch_gives_each_rows_solo_output(smollm2):
     """The tokenizer's default (right) padding with its mask: each row still computes what it would
     alone, in both branches."""
@@ -304,6 +315,7 @@ def test_bad_arguments_fail_before_any_model_work(tiny_llama, kwargs, error, mat
     assert not calls
 
 
+@pytest.mark.slow
 def test_scale_one_is_plain_decoding_with_one_branch(smollm2):
     model, tok = smollm2
     ids, mask = _left_padded(tok, PROMPTS)
@@ -323,6 +335,7 @@ def test_scale_one_is_plain_decoding_with_one_branch(smollm2):
         cfg_triton.generate(model, ids[:1], guidance_scale=1, negative_input_ids=ids[:1], max_new_tokens=1)
 
 
+@pytest.mark.slow
 def test_sampling_equals_a_literal_loop_at_the_same_seed(smollm2):
     """do_sample with temperature, top-k, top-p and min-p: the same draws as a literal loop that
     applies transformers' warpers to the float64 reference and takes the Gumbel-max with the noise

@@ -78,6 +78,24 @@ def test_unguided_is_the_conditional_log_likelihood(tiny_llama):
         assert bool(got.greedy[i]) == bool((lp.argmax(-1) == t).all())
 
 
+def test_truncation_against_an_independent_reference(tiny_llama):
+    """Inputs longer than max_length keep their last max_length tokens in both branches: compared
+    with each example cut by hand and scored unpadded in float64."""
+    length = 64
+    contexts = [list(range(1, 300)), list(range(40, 90)), [5, 6, 7]]
+    conts = [[7, 8, 9], [11, 12], list(range(100, 150))]
+    negatives = [list(range(200, 400)), [3], list(range(300, 380))]
+    got = score_tokens(tiny_llama, contexts, conts, negatives=negatives, guidance_scale=2.0,
+                       max_length=length)
+    # What the model may see: the last `length` tokens of the input that predicts the continuation.
+    cut = [(ctx + cont)[-(length + 1):-len(cont)] for ctx, cont in zip(contexts, conts)]
+    cut_neg = [(neg + cont)[-(length + 1):-len(cont)] for neg, cont in zip(negatives, conts)]
+    assert all(len(c) + len(t) - 1 <= length for c, t in zip(cut, conts))
+    want_lp, want_greedy = _one_by_one(tiny_llama, cut, conts, negatives=cut_neg, gamma=2.0)
+    torch.testing.assert_close(got.logprobs, want_lp, rtol=1e-4, atol=1e-3)
+    assert torch.equal(got.greedy, want_greedy)
+
+
 def test_long_inputs_keep_their_last_tokens(tiny_llama):
     ctx, cont = list(range(1, 300)), [7, 8, 9]
     got = score_tokens(tiny_llama, [ctx], [cont], max_length=64)

@@ -258,3 +258,122 @@ def test_text_generation_webui_call_shape(smollm2):
     assert ours.tolist() == theirs.tolist()
     assert streamed == list(range(ids.shape[1] + 1, ids.shape[1] + NEW + 1))
     assert set(count.rows) == {2}
+
+
+@pytest.mark.parametrize("negative", [False, True], ids=["last-token", "negative-prompt"])
+def test_continuing_from_a_returned_cache_gives_transformers_continuation(negative):
+    """The cache a paired call returns holds both branches, padded: a call continuing from it (or
+    from any cache) re-reads its ids, and gives the tokens of transformers' own continuation."""
+    model = _tiny_gpt2()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    neg = torch.tensor([[20, 21, 22, 23, 24, 25]]) if negative else None
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, guidance_scale=2.0,
+              negative_prompt_ids=neg)
+    first = model.generate(ids, return_dict_in_generate=True, **kw)
+    more = torch.cat([first.sequences, torch.tensor([[40]])], 1)
+    theirs = model.generate(more, past_key_values=first.past_key_values, **kw)
+    with cfg_triton.patch_transformers(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours_first = model.generate(ids, return_dict_in_generate=True, **kw)
+        with _CountRows(model) as count:
+            ours = model.generate(more, past_key_values=ours_first.past_key_values, **kw)
+        # A fallback call (beam search) given the paired cache re-reads its ids too.
+        beams = None if negative else model.generate(more, past_key_values=ours_first.past_key_values,
+                                                     num_beams=2, **kw)
+    assert ours_first.sequences.tolist() == first.sequences.tolist()
+    assert ours.tolist() == theirs.tolist()
+    assert count.rows[0] == 2  # paired, from the whole sequence
+    # (transformers' own beam search does not expand a negative prompt: it fails there)
+    assert negative or beams.tolist() == model.generate(more, num_beams=2, **kw).tolist()
+
+
+def test_hidden_states_have_transformers_shapes_with_a_longer_negative_prompt():
+    model = _tiny_gpt2()
+    ids, neg = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[20, 21, 22, 23, 24, 25]])
+    kw = dict(max_new_tokens=3, do_sample=False, guidance_scale=2.0, return_dict_in_generate=True,
+              output_hidden_states=True)
+    for negative in (neg, neg[:, :2]):  # longer: falls back with the warning; shorter: paired
+        theirs = model.generate(ids, negative_prompt_ids=negative, **kw)
+        with cfg_triton.patch_transformers(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours = model.generate(ids, negative_prompt_ids=negative, **kw)
+        assert ours.sequences.tolist() == theirs.sequences.tolist()
+        for a, b in zip(ours.hidden_states, theirs.hidden_states):
+            assert [t.shape for t in a] == [t.shape for t in b]
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+def test_a_positional_generation_config_is_paired():
+    from transformers import GenerationConfig
+
+    model = _tiny_gpt2()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    config = GenerationConfig(max_new_tokens=4, min_new_tokens=4, do_sample=False, guidance_scale=2.0)
+    theirs = model.generate(ids, config)
+    with cfg_triton.patch_transformers(), _CountRows(model) as count:
+        ours = model.generate(ids, config)
+    assert ours.tolist() == theirs.tolist()
+    assert count.rows == [2] * 4
+
+
+def test_fallback_prints_no_deprecation_warning(capfd, caplog):
+    from transformers.utils import logging
+
+    model = _tiny_gpt2()
+    logging.warning_once.cache_clear()  # a once-only warning that an earlier test may have had
+    with cfg_triton.patch_transformers(sequential=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=3, do_sample=False,
+                       guidance_scale=2.0)
+    assert "deprecated" not in capfd.readouterr().err + caplog.text
+
+
+def test_paired_forwards_take_generates_matmul_route(monkeypatch):
+    """Where few-row `F.linear` is slow (forced here on any CPU), the paired forwards run through the
+    same narrow-product route as `cfg_triton.generate`: same tokens, every linear layer routed."""
+    from cfg_triton import lm
+
+    model = _tiny_gpt2()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, guidance_scale=2.0)
+    theirs = model.generate(ids, **kw)
+    monkeypatch.setenv("CFG_TRITON_NARROW_LINEAR", "1")
+    lm.narrow_product_is_faster.cache_clear()
+    routed = []
+    original = lm._narrow_linear
+    monkeypatch.setattr(lm, "_narrow_linear", lambda x, *a: routed.append(x.shape[0]) or original(x, *a))
+    try:
+        with cfg_triton.patch_transformers(), _CountRows(model) as count:
+            ours = model.generate(ids, **kw)
+    finally:
+        lm.narrow_product_is_faster.cache_clear()
+    assert ours.tolist() == theirs.tolist() and count.rows == [2] * 4
+    assert routed and set(routed) == {2}
+
+
+def test_several_prompts_with_their_own_negatives_and_return_sequences():
+    """Each prompt's returned sequences are its own guided run with its own negative prompt."""
+    model = _tiny_gpt2()
+    ids, mask = torch.tensor([[0, 5, 6, 7], [9, 10, 11, 12]]), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    neg, neg_mask = torch.tensor([[20, 21, 22], [0, 0, 23]]), torch.tensor([[1, 1, 1], [0, 0, 1]])
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=True, top_k=1, guidance_scale=2.0)
+    with cfg_triton.patch_transformers():
+        out = model.generate(ids, attention_mask=mask, negative_prompt_ids=neg,
+                             negative_prompt_attention_mask=neg_mask, num_return_sequences=2, **kw)
+        solo = [model.generate(ids[i:i + 1, mask[i].argmax():],
+                               negative_prompt_ids=neg[i:i + 1, neg_mask[i].argmax():], **kw)
+                for i in range(2)]
+    for i in range(2):
+        for copy in range(2):
+            assert out[2 * i + copy, -5:].tolist() == solo[i][0, -5:].tolist()
+
+
+def test_top_k_sampling_stays_paired():
+    model = _tiny_gpt2()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with cfg_triton.patch_transformers(), _CountRows(model) as count, warnings.catch_warnings():
+        warnings.filterwarnings("error", message="cfg_triton")  # no fallback warning
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=True, top_k=5,
+                       guidance_scale=2.0)
+    assert count.rows == [2] * 4

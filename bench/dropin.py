@@ -1,0 +1,64 @@
+"""Runs bench/test_dropin_bench.py and appends its summary, with the machine, to a results file.
+
+    python bench/dropin.py LABEL [--out bench/results/dropin-<machine>.txt]
+
+LABEL says what was measured (a commit, "before", "after"). Each run adds one block: ms per token
+of the three calls, median ± IQR, and the two ratios the drop-in is held to.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import report  # noqa: E402
+
+
+def summary(raw: dict, label: str) -> str:
+    machine = raw["machine_info"]["cfg_triton"]
+    rows = {}
+    for bench in raw["benchmarks"]:
+        info, stats = bench["extra_info"], bench["stats"]
+        per = info["tokens"] / 1e3
+        rows[info["dropin"]] = (stats["median"] / per, stats["iqr"] / per, stats["rounds"])
+    lines = [f"## {label}: {machine['name']}, {machine['cores']} cores, torch {machine['torch']}, "
+             f"{machine['threads']} threads",
+             "SmolLM2, batch 1, greedy, 32 new tokens, γ = 1.5 with a negative prompt; "
+             "ms per token, median ± IQR (rounds)"]
+    for impl, (median, iqr, rounds) in rows.items():
+        lines.append(f"{impl:11} {median:7.2f} ± {iqr:.2f} ({rounds})")
+    patched = rows["patched"][0]
+    lines.append(f"patched / cfg_triton {patched / rows['cfg_triton'][0]:.2f}x (target <= 1.1x), "
+                 f"patched / unpatched {patched / rows['unpatched'][0]:.2f}x (target <= 0.6x)")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("label")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw_path = Path(tmp) / "raw.json"
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        subprocess.run([sys.executable, "-m", "pytest", str(HERE / "test_dropin_bench.py"), "-q",
+                        "-p", "no:cacheprovider", "--benchmark-enable",
+                        f"--benchmark-json={raw_path}"], check=True, cwd=HERE.parent, env=env)
+        raw = json.loads(raw_path.read_text())
+    text = summary(raw, args.label)
+    out = args.out or HERE / "results" / f"dropin-{report.machine_tag(raw['machine_info']['cfg_triton'])}.txt"
+    with open(out, "a", encoding="utf-8") as f:
+        f.write(("\n" if out.exists() and out.stat().st_size else "") + text)
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
