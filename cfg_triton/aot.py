@@ -33,32 +33,41 @@ def _resources(cubin: bytes) -> dict:
     return {"registers": regs, "stack": stack, "shared": shared, "local": local}
 
 
-def compile_all(archs=(80, 90), one_per_kernel=False):
-    """One dict per (specialization, arch, alignment) with its resources; `one_per_kernel`: the
-    first specialization of each kernel, aligned only (a quick check that every family compiles)."""
+def specializations():
+    """Every (kernel, signature, constexprs, num_warps) the launchers can produce."""
+    from .kernels import guidance, sampling, token_logprobs
+
+    return [*guidance.specializations(), *token_logprobs.specializations(),
+            *sampling.specializations()]
+
+
+def compile_kernel(kernel, signature, constexprs, num_warps, arch, aligned):
+    """Triton's compiled kernel for `sm_<arch>`; `aligned`: pointers and ints divisible by 16, as
+    the JIT marks them for fresh tensors."""
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .kernels import guidance, sampling, token_logprobs
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values())
+             if aligned and (t.startswith("*") or t == "i32")}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton_compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
-    rows = []
-    specs = [*guidance.specializations(), *token_logprobs.specializations(),
-             *sampling.specializations()]
+
+def compile_all(archs=(80, 90), one_per_kernel=False):
+    """One dict per (specialization, arch, alignment) with its resources; `one_per_kernel`: the
+    first specialization of each kernel, aligned only (a quick check that every family compiles)."""
+    specs = specializations()
     if one_per_kernel:
         first = {}
         for spec in specs:
             first.setdefault(spec[0].__name__, spec)
         specs = list(first.values())
+    rows = []
     for kernel, signature, constexprs, num_warps in specs:
         for aligned in (True,) if one_per_kernel else (True, False):
-            # The JIT marks pointers and ints divisible by 16; compile both that and the unaligned case.
-            attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values())
-                     if aligned and (t.startswith("*") or t == "i32")}
             for arch in archs:
-                src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-                compiled = triton_compile(src, target=GPUTarget("cuda", arch, 32),
-                                          options={"num_warps": num_warps})
+                compiled = compile_kernel(kernel, signature, constexprs, num_warps, arch, aligned)
                 rows.append({
                     "kernel": kernel.__name__,
                     "arch": f"sm_{arch}",

@@ -125,9 +125,11 @@ def run(model: str, tasks: list[str], guidance_scales: list[float], *, mix=None,
     if "lambada_local" in tasks:
         # The file's name and checksum identify the data; its folder is this machine's business.
         data["lambada_local"] = {"file": Path(lambada_path).name, "sha256": sha256(lambada_path)}
+    from .machine import describe
+
     return {"model": model, "tasks": list(tasks), "guidance_scales": [float(g) for g in guidance_scales],
             "mix": mix, "normalize": normalize, "negative_prompt": negative_prompt, "limit": limit,
-            "data": data, "results": rows}
+            "data": data, "results": rows, "machine": describe()}
 
 
 def markdown(report: dict) -> str:

@@ -31,7 +31,7 @@ MUTATIONS = [
      "guidance(cond, uncond, self.guidance_scale, mix=None, normalize=self.normalize,",
      ["tests/test_processors.py", "-k", "batched_processor"]),
     ("generate ignores the temperature", "cfg_triton/sampler.py",
-     "warp_scores(scores, temperature, top_k, top_p)", "warp_scores(scores, 1.0, top_k, top_p)",
+     "warp = dict(temperature=temperature,", "warp = dict(temperature=1.0,",
      ["tests/test_sampler.py", "-k", "literal_loop"]),
     ("+inf in cond is not poisoned", "cfg_triton/torch_impl.py",
      'c = torch.where(c == float("inf"), nan, c)', "c = c",
@@ -44,11 +44,9 @@ MUTATIONS = [
      ["tests/test_processors.py", "-k", "unbatched"]),
     ("a statistics split also counts the next split's first token", "kernels/guidance.py",
      "end = tl.minimum(start + split_len, V)\n    for offset in range(start, end, BLOCK):\n"
-     "        idx = offset + lanes\n        c, u, inside = _load_tile(c_row, u_row, idx, end)\n"
-     "        c_ref_old",
+     "        c, u, inside = _load_tile(c_row, u_row, offset + lanes, end)\n        c_max, u_max,",
      "end = tl.minimum(start + split_len + 1, V)\n    for offset in range(start, end, BLOCK):\n"
-     "        idx = offset + lanes\n        c, u, inside = _load_tile(c_row, u_row, idx, end)\n"
-     "        c_ref_old",
+     "        c, u, inside = _load_tile(c_row, u_row, offset + lanes, end)\n        c_max, u_max,",
      ["tests/test_guidance.py", "-k", "split_boundaries"]),
     ("min_new_tokens holds EOS one step too long", "cfg_triton/sampler.py",
      "if step < min_new_tokens and eos:", "if step <= min_new_tokens and eos:",
@@ -104,14 +102,14 @@ MUTATIONS = [
      ["tests/test_sampling.py", "-k", "kernel_noise"]),
     ("the fast accept keeps a draw ranked k+1", "kernels/sampling.py",
      "(_at(count, 0, PIVOTS) < k)", "(_at(count, 0, PIVOTS) <= k)",
-     ["tests/test_sampling.py", "-k", "kernels_draw_the_torch_paths_tokens and top_k"]),
+     ["tests/test_sampling.py", "-k", "fast_accept"]),
     ("the fast accept checks top-p against all the mass under top-k", "kernels/sampling.py",
      "ok_p = tl.where(k_on, above < p * _at(mass, 1, PIVOTS), above < p * total)",
      "ok_p = above < p * total",
-     ["tests/test_sampling.py", "-k", "kernels_draw_the_torch_paths_tokens and all"]),
+     ["tests/test_sampling.py", "-k", "fast_accept"]),
     ("the scoring kernel calls a poisoned row's target greedy", "kernels/token_logprobs.py",
      "greedy = valid & (bad == 0) & (best != _NO_INDEX)", "greedy = valid & (best != _NO_INDEX)",
-     ["tests/test_logprobs.py", "-k", "masks_and_bad and interpreter"]),
+     ["tests/test_logprobs.py", "-k", "poisoned_row and interpreter"]),
     # logprobs.py
     ("every chunk takes the first chunk's scales", "cfg_triton/logprobs.py",
      "torch_impl.guidance(c, u, _rows(gamma, part), _rows(mix, part)",
@@ -149,7 +147,7 @@ MUTATIONS = [
     ("the harness drops the negative prompt", "cfg_triton/harness.py",
      "negatives=negatives, guidance_scale=self.guidance_scale,",
      "negatives=None, guidance_scale=self.guidance_scale,",
-     ["tests/test_harness.py", "-k", "negative_prompt_reaches"]),
+     ["tests/test_harness.py", "-k", "negative_prompt_reaches_each"]),
 ]
 
 

@@ -116,6 +116,27 @@ def test_negative_prompt_reaches_scoring(harness, smollm2):
     assert result["acc,none"] == pytest.approx(right / 6)
 
 
+def test_negative_prompt_reaches_each_request(harness, smollm2):
+    """Each loglikelihood request is scored with the model's negative prompt as its unconditional
+    context, not the default last token."""
+    from cfg_triton.scoring import score_tokens
+
+    lm, _ = harness
+    model, tok = smollm2
+    context = tok.encode("Question: What colour is the sky?\nAnswer:", add_special_tokens=False)
+    options = [tok.encode(" Blue", add_special_tokens=False), tok.encode(" Green", add_special_tokens=False)]
+    lm.guidance_scale, lm.negative_prompt = 2.0, "Answer wrongly."
+    try:
+        got = lm._loglikelihood_tokens([(None, context, o) for o in options], disable_tqdm=True)
+    finally:
+        lm.negative_prompt = None
+    negative = tok.encode("Answer wrongly.", add_special_tokens=False)
+    want = score_tokens(model, [context] * 2, options, negatives=[negative] * 2, guidance_scale=2.0)
+    default = score_tokens(model, [context] * 2, options, guidance_scale=2.0)
+    assert [lp for lp, _ in got] == pytest.approx(want.logprobs.tolist(), abs=1e-5)
+    assert not torch.allclose(want.logprobs, default.logprobs, atol=1e-3)
+
+
 def test_generate_until_uses_guided_generation(harness, smollm2):
     from lm_eval.api.instance import Instance
 
@@ -146,6 +167,7 @@ def test_cfg_triton_eval_writes_the_table(tmp_path, capsys, monkeypatch):
     assert [(r["task"], r["guidance_scale"], r["samples"]) for r in report["results"]] == \
         [("facts_mc", 1.0, 4), ("facts_mc", 2.0, 4)]
     assert all(0 <= r["metrics"]["acc"] <= 1 for r in report["results"])
+    assert report["machine"]["name"] and report["machine"]["device"] in ("cpu", "cuda")  # timed rows
     table = out_md.read_text()
     assert "| facts_mc (4) | acc (%) |" in table and "γ = 2" in table
     assert table in capsys.readouterr().out

@@ -78,6 +78,17 @@ def test_masks_and_bad_input_follow_guidance(backend, semantics):
     assert torch.equal(torch.isnan(lp), torch.isnan(_gathered(full, targets)))
 
 
+def test_a_poisoned_row_is_never_greedy(backend):
+    """NaN or +inf anywhere in a row makes its target not greedy, even where the target is the
+    argmax of the row's other tokens."""
+    cond, uncond = logits(3, 500), logits(3, 500)
+    cond[:, 7] += 60.0  # the clear winner of every row
+    uncond[0, 3] = float("inf")
+    cond[1, 9] = float("nan")
+    greedy = cfg_triton.token_logprobs(cond, uncond, torch.tensor([7, 7, 7]), 1.5).greedy
+    assert greedy.tolist() == [False, False, True]
+
+
 def test_ties_go_to_the_lowest_index(backend):
     cond = torch.zeros(3, 5000)
     uncond = torch.zeros(3, 5000)

@@ -66,6 +66,27 @@ def test_kernels_draw_the_torch_paths_tokens(monkeypatch, semantics, filters):
     assert torch.equal(tokens, torch_path.tokens)
 
 
+@pytest.mark.skipif(not INTERPRETED, reason="needs Triton's interpreter")
+@pytest.mark.parametrize("filters", [dict(top_k=2), dict(top_p=0.5), dict(top_k=2, top_p=0.5)], ids=str)
+def test_fast_accept_keeps_only_kept_draws(monkeypatch, filters):
+    """Without log-probabilities the kernels keep the unfiltered draw when the filters keep it.
+    Three tokens hold nearly all the mass, so the unfiltered draw is often the third, just past
+    top-k 2 and the top-p 0.5 cut, and with both the second is past top-p's cut of the top-2 mass:
+    the kernels must redraw there as the torch path does."""
+    rows = 24
+    cond = torch.full((rows, 128), -8.0)
+    cond[:, 10:13] = torch.tensor([2.0, 1.8, 1.6])
+    kw = dict(temperature=1.0, seed=torch.arange(rows), step=5)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch_path = cfg_triton.sample(cond, cond, 1.5, **kw, **filters)
+    unfiltered = cfg_triton.sample(cond, cond, 1.5, **kw)
+    assert (unfiltered == 12).sum() >= 3  # rejected draws, to be redrawn
+    assert not (torch_path == 12).any() and ("top_k" not in filters or "top_p" not in filters
+                                            or (torch_path == 10).all())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert torch.equal(cfg_triton.sample(cond, cond, 1.5, **kw, **filters), torch_path)
+
+
 @pytest.mark.parametrize("semantics", SEMANTICS)
 def test_banned_tokens_in_some_rows_only(backend, semantics):
     """Tokens banned (-inf in cond) in some rows only, at scales where the fast path's lerp takes
