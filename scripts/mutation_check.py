@@ -32,7 +32,7 @@ MUTATIONS = [
      ["tests/test_processors.py", "-k", "batched_processor"]),
     ("generate ignores the temperature", "cfg_triton/sampler.py",
      "warp = dict(temperature=temperature,", "warp = dict(temperature=1.0,",
-     ["tests/test_sampler.py", "-k", "literal_loop"]),
+     ["tests/test_sampler.py", "-k", "temperature_reaches"]),
     ("+inf in cond is not poisoned", "cfg_triton/torch_impl.py",
      'c = torch.where(c == float("inf"), nan, c)', "c = c",
      ["tests/test_guidance.py", "-k", "poison and torch"]),

@@ -377,6 +377,14 @@ def test_seed_reproduces_sampling_and_generator_still_works(tiny_llama):
         cfg_triton.generate(tiny_llama, ids, seed=1.5, **kw)
 
 
+def test_temperature_reaches_the_draw(tiny_llama):
+    ids = torch.randint(2, 512, (2, 5), generator=torch.Generator().manual_seed(1))
+    kw = dict(do_sample=True, max_new_tokens=8, min_new_tokens=8, seed=3)
+    cold = cfg_triton.generate(tiny_llama, ids, temperature=1e-4, **kw)
+    assert cold.tolist() == cfg_triton.generate(tiny_llama, ids, max_new_tokens=8, min_new_tokens=8).tolist()
+    assert cfg_triton.generate(tiny_llama, ids, temperature=50.0, **kw).tolist() != cold.tolist()
+
+
 def test_eos_is_allowed_exactly_at_step_min_new_tokens(tiny_llama):
     """Pick as EOS the token the model emits at step k: with min_new_tokens = k it must still end
     there, with min_new_tokens = k + 1 it must not."""
