@@ -152,3 +152,9 @@ def test_score_strings(smollm2):
     assert torch.equal(got.logprobs, direct.logprobs) and got.greedy.all()
     with pytest.raises(TypeError, match="sequences of strings"):
         score(model, tok, "one string", " x")
+
+
+def test_score_tokens_is_exported():
+    import cfg_triton
+
+    assert cfg_triton.score_tokens is score_tokens and "score_tokens" in cfg_triton.__all__
