@@ -80,16 +80,23 @@ def compile_all(archs=(80, 90), one_per_kernel=False):
     return rows
 
 
+def parse_for_compiling(parser, argv):
+    """The parsed arguments of a command that compiles kernels, once the environment allows it."""
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    # The JIT's default, so that what is counted is what a launch compiles.
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return args
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     parser.add_argument("--one-per-kernel", action="store_true",
                         help="only the first specialization of each kernel, aligned")
-    args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    args = parse_for_compiling(parser, argv)
     rows = compile_all(args.arch, args.one_per_kernel)
     if args.json:
         json.dump(rows, sys.stdout)

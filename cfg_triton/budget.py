@@ -204,16 +204,15 @@ MARKERS = ("<!-- budget:start -->", "<!-- budget:end -->")
 
 
 def main(argv=None) -> int:
+    from .aot import parse_for_compiling
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90])
     parser.add_argument("--dtype", nargs="+", default=["bf16"], choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write", action="store_true",
                         help="also write the full table to bench/results/ and the summary to docs/kernels.md")
-    args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    args = parse_for_compiling(parser, argv)
     rows = report(args.arch, args.dtype)
     print(json.dumps(rows) if args.json else table(rows), end="" if args.json else "")
     if args.write:
