@@ -139,7 +139,7 @@ def _generate(self, *args, **kwargs):
                    f"{pairing}")
         pairing = None
     passed = [k for k in _CACHE_KEYWORDS if call.get(k) is not None]
-    if passed and (pairing is not None or any(call[k] in _paired_caches for k in passed)):
+    if passed and (pairing is not None or any(_is_paired(call[k]) for k in passed)):
         # A paired cache holds both branches, each padded to one length; any other holds the
         # conditional rows alone. Neither extends as the other, and re-reading the ids gives the
         # tokens of transformers' own continuation (whose unconditional branch restarts from the
@@ -155,8 +155,18 @@ def _generate(self, *args, **kwargs):
         out = _state["generate"](_paired_view(self, pairing), **call)
     cache = next((out[k] for k in _CACHE_KEYWORDS if isinstance(out, dict) and k in out), None)
     if cache is not None:
-        _paired_caches.add(cache)
+        try:
+            _paired_caches.add(cache)
+        except TypeError:  # a cache type that cannot be hashed or weakly referenced goes unrecorded
+            pass
     return out
+
+
+def _is_paired(cache) -> bool:
+    try:
+        return cache in _paired_caches
+    except TypeError:
+        return False
 
 
 def _plan(model, call):
