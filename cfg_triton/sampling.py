@@ -84,10 +84,12 @@ def sample(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale, *, mix=None
     The guided scores `s` are `guidance(cond, uncond, guidance_scale, mix=mix, normalize=normalize)`;
     then, in transformers' order, temperature, top-k, top-p and min-p (`None` turns a filter off,
     as do `top_k=0`, `top_p=1` and `min_p=0`), and a draw from what remains. `temperature=0` is
-    greedy: the argmax of `s`, ties to the lowest index. Every parameter may be a number or a `[B]`
-    tensor (one request per row); `seed` and `step` are integers or int64 `[B]` tensors, and the
-    draw is a pure function of (seed, row, step, token), so the same arguments give the same token
-    on every device and path, and a step never reads a value back to the host.
+    greedy: the argmax of `s`, ties to the lowest index; temperatures go up to `MAX_TEMPERATURE`
+    (1e6), where every draw is already uniform over the kept tokens. Every parameter may be a
+    number or a `[B]` tensor (one request per row); `seed` and `step` are int64 integers or `[B]`
+    tensors (distinct values draw distinct noise), and the draw is a pure function of (seed, row,
+    step, token), so the same arguments give the same token on every device and path, and a step
+    on CUDA never reads a value back to the host (float64 logits excepted: they take the torch path).
 
     Returns int64 token ids `[B]`, or `Sample(tokens, logprobs)` with `return_logprobs`: the
     chosen token's log-probability under the distribution it was drawn from (log-softmax of
