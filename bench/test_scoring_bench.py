@@ -2,7 +2,7 @@
 
 - `lambada`: `cfg_triton.score` on the bundled SmolLM2 over the first 64 LAMBADA examples, unguided
   (γ = 1: the conditional branch only) and guided (γ = 1.5: plus the short unconditional branch),
-  side by side in one run; the README reports ms per example and their ratio.
+  side by side in one run; docs/benchmarks.md reports ms per example and their ratio.
 - `memory`: the peak memory that reducing `[8, 512, 49,152]` fp32 logits of both branches to
   per-token guided log-probabilities adds on top of the logits themselves, measured in a fresh
   process (peak resident set on CPU, `max_memory_allocated` on CUDA): `token_logprobs` against

@@ -183,7 +183,7 @@ def _family(row) -> str:
 
 
 def summary(rows: list[dict]) -> str:
-    """The worst specialization of each pass: what the README's kernel section shows."""
+    """The worst specialization of each pass: the table of docs/kernels.md."""
     worst = {}
     for r in rows:
         key = (_family(r), r["arch"], r["dtype"])
