@@ -8,17 +8,14 @@ of the three calls, median ± IQR, and the two ratios the drop-in is held to.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import report  # noqa: E402
+import run  # noqa: E402
 
 
 def summary(raw: dict, label: str) -> str:
@@ -45,13 +42,7 @@ def main(argv=None) -> int:
     parser.add_argument("label")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        raw_path = Path(tmp) / "raw.json"
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        subprocess.run([sys.executable, "-m", "pytest", str(HERE / "test_dropin_bench.py"), "-q",
-                        "-p", "no:cacheprovider", "--benchmark-enable",
-                        f"--benchmark-json={raw_path}"], check=True, cwd=HERE.parent, env=env)
-        raw = json.loads(raw_path.read_text())
+    raw = run.run_pytest_benchmark(["test_dropin_bench.py"], [])
     text = summary(raw, args.label)
     out = args.out or HERE / "results" / f"dropin-{report.machine_tag(raw['machine_info']['cfg_triton'])}.txt"
     with open(out, "a", encoding="utf-8") as f:

@@ -51,9 +51,11 @@ def copy_bandwidth(device: str, small: bool = False) -> float:
 
 
 def run_pytest_benchmark(files, extra) -> dict:
+    """The pytest-benchmark JSON of benchmark files (names under bench/, or keys of FILES), run
+    compiled (TRITON_INTERPRET unset)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "raw.json"
-        cmd = [sys.executable, "-m", "pytest", *[str(HERE / FILES[f]) for f in files], "-q",
+        cmd = [sys.executable, "-m", "pytest", *[str(HERE / FILES.get(f, f)) for f in files], "-q",
                "-p", "no:cacheprovider", "--benchmark-enable", f"--benchmark-json={out}", *extra]
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         subprocess.run(cmd, check=True, cwd=HERE.parent, env=env)

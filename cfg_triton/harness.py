@@ -156,7 +156,8 @@ class CFGLM(HFLM):
         returns (summed guided log-probability, whether every token is the guided argmax)."""
         # An empty continuation (an empty multiple-choice option) has probability 1 and is its own
         # greedy continuation, as HFLM scores it: only the others are scored.
-        scored = [r for r in requests if len(r[2])]
+        answers = [(0.0, True)] * len(requests)
+        scored = [i for i, r in enumerate(requests) if len(r[2])]
         negatives = None
         if self.negative_prompt is not None:
             negative = self.tok_encode(self.negative_prompt, add_special_tokens=False)
@@ -164,14 +165,15 @@ class CFGLM(HFLM):
         with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                   desc="Running loglikelihood requests") as bar:
             bar.update(len(requests) - len(scored))
-            scores = score_tokens(self.model, [r[1] for r in scored], [r[2] for r in scored],
-                                  negatives=negatives, guidance_scale=self.guidance_scale,
-                                  mix=self.mix, normalize=self.normalize,
-                                  batch_size=self._scoring_batch_size(override_bs),
-                                  max_length=self.max_length, progress=bar.update) if scored else None
-        found = iter(zip(scores.logprobs, scores.greedy) if scored else ())
-        answers = [(float(lp), bool(top)) for lp, top in
-                   ((next(found) if len(r[2]) else (0.0, True)) for r in requests)]
+            if scored:
+                scores = score_tokens(self.model, [requests[i][1] for i in scored],
+                                      [requests[i][2] for i in scored], negatives=negatives,
+                                      guidance_scale=self.guidance_scale, mix=self.mix,
+                                      normalize=self.normalize,
+                                      batch_size=self._scoring_batch_size(override_bs),
+                                      max_length=self.max_length, progress=bar.update)
+                for i, lp, top in zip(scored, scores.logprobs, scores.greedy):
+                    answers[i] = (float(lp), bool(top))
         for (request, _, _), answer in zip(requests, answers):
             if request is not None:  # rolling windows carry no key; the harness caches them whole
                 self.cache_hook.add_partial("loglikelihood", request, answer)

@@ -142,11 +142,10 @@ MUTATIONS = [
      ["tests/test_transformers.py", "-k", "matmul_route"]),
     # harness.py
     ("an empty continuation is not greedy", "cfg_triton/harness.py",
-     "(next(found) if len(r[2]) else (0.0, True))", "(next(found) if len(r[2]) else (0.0, False))",
+     "answers = [(0.0, True)] * len(requests)", "answers = [(0.0, False)] * len(requests)",
      ["tests/test_harness.py", "-k", "empty_continuation"]),
     ("the harness drops the negative prompt", "cfg_triton/harness.py",
-     "negatives=negatives, guidance_scale=self.guidance_scale,",
-     "negatives=None, guidance_scale=self.guidance_scale,",
+     "negatives=negatives,\n", "negatives=None,\n",
      ["tests/test_harness.py", "-k", "negative_prompt_reaches_each"]),
 ]
 
