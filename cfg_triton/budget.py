@@ -8,11 +8,12 @@ vocabulary entry (body instructions × warps / entries per iteration), barriers 
 iteration, the widths of its global loads, MUFU operations per entry, and the ceiling they imply.
 
 The model, a prediction and not a measurement: an SM issues at most 4 warp-instructions per clock,
-of which a streaming loop sustains about 75% (3 per clock). At the memory roofline each of the
-132 SMs of an H100 SXM (3.35 TB/s) or an H200 (4.8 TB/s), at 1.98 GHz, receives 12.8 or 18.4 bytes
-per clock. An entry of both branches is 2·s bytes (s = 2 for bf16), so the roofline needs 3.2
-(H100) or 4.6 (H200) bf16 entries per clock per SM, and a loop issuing `n` warp-instructions per
-entry reaches at most min(1, 3 / (n × entries per clock)) of it.
+of which a streaming loop sustains about 75% (3 per clock), and its MUFU units (exp2, log2) retire
+16 lanes, half a warp-instruction, per clock. At the memory roofline each of the 132 SMs of an H100
+SXM (3.35 TB/s) or an H200 (4.8 TB/s), at 1.98 GHz, receives 12.8 or 18.4 bytes per clock. An entry
+of both branches is 2·s bytes (s = 2 for bf16), so the roofline needs 3.2 (H100) or 4.6 (H200) bf16
+entries per clock per SM, and a loop issuing `n` warp-instructions per entry, `m` of them MUFU,
+reaches at most min(1, 3 / (n × entries per clock), 0.5 / (m × entries per clock)) of it.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import sys
 import tempfile
 
 ISSUE_PER_CLOCK = 4 * 0.75  # warp-instructions per clock per SM a streaming loop sustains
+MUFU_PER_CLOCK = 0.5  # MUFU warp-instructions per clock per SM (16 lanes)
 SMS, CLOCK_HZ = 132, 1.98e9
 BANDWIDTH = {"H100 SXM": 3.35e12, "H200": 4.8e12}  # bytes per second
 
@@ -38,6 +40,9 @@ _BUDGETS = {
     "_sample_search_kernel": 4.0,
 }
 
+
+# Constexprs that fix sizes or layouts, not what a loop computes.
+_HIDDEN = ("BLOCK", "MAX_SPLITS", "STRIDE", "GROUP")
 
 _BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 
@@ -53,7 +58,7 @@ def budget(kernel: str, constexprs: dict, dtype: str, out: str | None = None) ->
     The budgets are stated for bf16 inputs (and an fp32 output, for the write pass); a
     specialization that moves more bytes per entry gets a budget larger in proportion, since the
     memory takes that much longer over each entry (one that moves fewer keeps the stated one)."""
-    if kernel == "_sample_stats_kernel":
+    if kernel in ("_sample_stats_kernel", "_sample_masked_kernel"):
         value = 1.5 if constexprs.get("PARTITION") else 1.2 if constexprs.get("NOISE") else 1.0
     else:
         value = _BUDGETS.get(kernel)
@@ -63,10 +68,14 @@ def budget(kernel: str, constexprs: dict, dtype: str, out: str | None = None) ->
     return value * max(1.0, entry_bytes(dtype, out) / stated)
 
 
-def ceiling(per_entry: float, dtype: str, bandwidth: float, out: str | None = None) -> float:
-    """The fraction of the memory roofline a loop issuing `per_entry` warp-instructions can reach."""
+def ceiling(per_entry: float, dtype: str, bandwidth: float, out: str | None = None,
+            mufu_per_entry: float = 0.0) -> float:
+    """The fraction of the memory roofline a loop issuing `per_entry` warp-instructions (of which
+    `mufu_per_entry` MUFU) can reach."""
     entries_per_clock = bandwidth / (SMS * CLOCK_HZ) / entry_bytes(dtype, out)
-    return min(1.0, ISSUE_PER_CLOCK / (per_entry * entries_per_clock))
+    issue = ISSUE_PER_CLOCK / (per_entry * entries_per_clock)
+    mufu = MUFU_PER_CLOCK / (mufu_per_entry * entries_per_clock) if mufu_per_entry else issue
+    return min(1.0, issue, mufu)
 
 
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
@@ -84,7 +93,8 @@ def _instructions(sass: str) -> list[tuple[int, str, str]]:
 
 
 def streaming_loop(sass: str) -> list[tuple[int, str, str]] | None:
-    """The instructions of the innermost loop that loads from global memory, or None."""
+    """The instructions of the costliest innermost loop that loads from global memory, or None (a
+    kernel may hold a second loop for a rare case: it is held to the same budget)."""
     code = _instructions(sass)
     loops = []
     for address, opcode, text in code:
@@ -93,7 +103,10 @@ def streaming_loop(sass: str) -> list[tuple[int, str, str]] | None:
             body = [i for i in code if int(found.group(1), 16) <= i[0] <= address]
             if any(op.startswith("LDG") for _, op, _ in body):
                 loops.append(body)
-    return min(loops, key=len) if loops else None
+    innermost = [body for body in loops
+                 if not any(other is not body and body[0][0] <= other[0][0] and other[-1][0] <= body[-1][0]
+                            for other in loops)]
+    return max(innermost, key=len) if innermost else None
 
 
 def analyse(sass: str, num_warps: int, entries_per_iteration: int) -> dict | None:
@@ -150,9 +163,11 @@ def report(archs=(90,), dtypes=("bf16",)) -> list[dict]:
             limit = budget(kernel.__name__, constexprs, dtype, out)
             rows.append({"kernel": kernel.__name__, "arch": f"sm_{arch}", "dtype": dtype, "out": out,
                          "constexprs": {k: v for k, v in constexprs.items()
-                                        if v is not None and k not in ("BLOCK", "MAX_SPLITS")},
+                                        if v is not None and k not in _HIDDEN
+                                        and not (k == "WHEN_FINITE" and v < 0)},
                          **found, "budget": limit,
-                         **{f"ceiling_{name}": round(ceiling(found["per_entry"], dtype, bw, out), 3)
+                         **{f"ceiling_{name}": round(ceiling(found["per_entry"], dtype, bw, out,
+                                                             found["mufu_per_entry"]), 3)
                             for name, bw in BANDWIDTH.items()}})
     return rows
 
@@ -176,7 +191,7 @@ def _family(row) -> str:
     name, flags = row["kernel"], row["constexprs"]
     if row["out"]:
         return f"{name} ({row['out']} out)"
-    if name == "_sample_stats_kernel":
+    if name in ("_sample_stats_kernel", "_sample_masked_kernel"):
         return f"{name} ({'noise' if flags.get('NOISE') else 'greedy'}" \
                f"{', log-probabilities' if flags.get('PARTITION') else ''})"
     return name

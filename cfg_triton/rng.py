@@ -5,18 +5,24 @@ is split across programs, on block sizes, or on any generator state: the same se
 the same token on every path, and a decode step needs no host-side state (seed and step may live
 on the device, inside a CUDA graph).
 
-The hash is the 32-bit MurmurHash3 finalizer, chained: a row key from (seed, row, step) (all 64 bits
-of an int64 seed and step), then one value per token. `kernels/sampling.py` computes the same
-function in uint32 arithmetic.
+The hash is the 32-bit MurmurHash3 finalizer: chained, it makes a row key from (seed, row, step) (all
+64 bits of an int64 seed and step); token j of a row with key k hashes `mix32(j * (k | 1) + mix32(k))`
+(mod 2**32): one finalizer per token, and rows with distinct keys step through distinct odd
+multiples, so no row's noise is another's shifted by some tokens. The noise is base-2 Gumbel,
+`-log2(-log2(u))` (two hardware `log2` in a kernel), and a draw is `argmax(s + T·ln2·g)`: `ln2·g` is a
+standard Gumbel shifted by the constant ln(ln 2), which no argmax sees. `kernels/sampling.py`
+computes the same function in uint32 and float32 arithmetic.
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
 _MASK = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9
+LN2 = math.log(2.0)  # the noise's scale: a draw is argmax(s + T·LN2·g)
 
 
 def mix32(h):
@@ -58,10 +64,9 @@ def row_keys(seed, step, batch: int = None, device=None) -> torch.Tensor:
     return _row_key(seed, torch.arange(seed.shape[0], device=seed.device, dtype=torch.int64), step)
 
 
-@functools.lru_cache(maxsize=16)
-def _token_hashes(vocab: int, device: torch.device) -> torch.Tensor:
-    # The per-token half of the hash depends on the vocabulary only: computed once per size.
-    return mix32(torch.arange(vocab, device=device, dtype=torch.int64) + GOLDEN)
+def token_hash_constants(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row key: (odd multiplier, offset) of its tokens' hashes, as int64 below 2**32."""
+    return keys | 1, mix32(keys)
 
 
 def _mix32_(h: torch.Tensor) -> torch.Tensor:
@@ -74,29 +79,40 @@ def _mix32_(h: torch.Tensor) -> torch.Tensor:
     return h
 
 
+def _token_hashes(keys: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Hashes of int64 token ids `tokens` (`[V]` or `[B, L]`) under row keys `[B]`: `[B, *]` int64."""
+    multiplier, offset = token_hash_constants(keys)
+    h = tokens * multiplier[:, None]  # below 2**49: no int64 overflow
+    return _mix32_(h.add_(offset[:, None]).bitwise_and_(_MASK))
+
+
 def _to_gumbel(h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Hashes -> noise into `out`: `-log(-log(u))`, with `u` the top 24 bits of each hash, centred in
-    its interval so that it is never 0 or 1."""
-    out.copy_(h >> 8)
-    return out.add_(0.5).mul_(2.0 ** -24).log_().neg_().log_().neg_()
+    """Hashes -> noise into `out`: `-log2(-log2(u))`, with `u` the top 23 bits of each hash centred
+    in its interval, `(k + 1/2) 2**-23`: exact in float32, never 0 or 1."""
+    out.copy_(h >> 9)
+    return out.add_(0.5).mul_(2.0 ** -23).log2_().neg_().log2_().neg_()
 
 
 # Rows hashed at once: the int64 temporaries of a few rows stay in cache.
 _ROWS_PER_CHUNK = 2
 
 
+@functools.lru_cache(maxsize=16)
+def _token_ids(vocab: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(vocab, device=device, dtype=torch.int64)
+
+
 def gumbel(keys: torch.Tensor, vocab: int) -> torch.Tensor:
-    """`[B, V]` float32 standard Gumbel noise for row keys `[B]` (token j of row r keyed by
-    `mix32(keys[r] ^ mix32(j + GOLDEN))`)."""
-    hashes = _token_hashes(vocab, keys.device)
+    """`[B, V]` float32 base-2 Gumbel noise for row keys `[B]` (see the module docstring)."""
+    tokens = _token_ids(vocab, keys.device)
     out = torch.empty((keys.shape[0], vocab), dtype=torch.float32, device=keys.device)
     for i in range(0, keys.shape[0], _ROWS_PER_CHUNK):
         rows = slice(i, i + _ROWS_PER_CHUNK)
-        _to_gumbel(_mix32_(keys[rows, None] ^ hashes), out[rows])
+        _to_gumbel(_token_hashes(keys[rows], tokens), out[rows])
     return out
 
 
 def gumbel_at(keys: torch.Tensor, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
     """The noise of `gumbel(keys, vocab)` at int64 token ids `tokens` `[B, L]` only: `[B, L]` fp32."""
-    h = _mix32_(keys[:, None] ^ _token_hashes(vocab, keys.device)[tokens])
+    h = _token_hashes(keys, tokens)
     return _to_gumbel(h, torch.empty(tokens.shape, dtype=torch.float32, device=keys.device))

@@ -1,9 +1,9 @@
 """`cfg_triton.sample`: the next token drawn from both branches' logits, guided and warped.
 
-The drawn token is `argmax over kept tokens of (s_i / T + g_i)` (Gumbel-max, an exact draw from
+The drawn token is `argmax over kept tokens of (s_i + T·ln2·g_i)` (Gumbel-max, an exact draw from
 `softmax(s / T)` restricted to the kept tokens), where `s` are the guided scores of `guidance`, `T`
-the temperature and `g` the counter-based noise of `cfg_triton.rng`, keyed by (seed, row, step,
-token). Both paths below compute that same function, so they agree token for token up to float32
+the temperature and `g` the counter-based base-2 Gumbel noise of `cfg_triton.rng`, keyed by (seed,
+row, step, token). Both paths below compute that same function, so they agree token for token up to float32
 rounding of near ties.
 """
 from __future__ import annotations
@@ -221,7 +221,7 @@ def _torch_path(cond, uncond, keys, mode, gamma, gamma_rows, mix, mix_rows, temp
     tokens = first[:, 0] if not sampled or bool(greedy.any()) else None
     logprobs = nan
     if sampled:
-        noisy = noise.mul_(t).add_(ranked)
+        noisy = noise.mul_(t * rng.LN2).add_(ranked)
         if keep is not None:
             noisy.masked_fill_(~keep, float("-inf"))
         best, drawn = noisy.max(-1, keepdim=True)

@@ -30,11 +30,17 @@ _INTERPOLATED = tl.constexpr(INTERPOLATED)
 STATS = 8  # floats per (row, split): c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum, unused
 _STATS = tl.constexpr(STATS)
 MAX_SPLITS = 128
+_MAX_SPLITS = tl.constexpr(MAX_SPLITS)
 BLOCK = 2048
 NUM_WARPS = 8
 # The write pass tiles fp64 output at half the block: at the full block one fp64 specialization
 # spills a register on sm_90. Split lengths stay whole numbers of either tile.
 WRITE_BLOCK = {8: BLOCK // 2}
+_FLOOR = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX
+_LOG2E = tl.constexpr(1.4426950408889634)
+# How far (in logits) a split's maximum may lie from h's reference before h is recomputed against
+# it: h' then holds values up to about this large, and its sums lose at most a few float32 ulps of it.
+_REBASE = tl.constexpr(32.0)
 
 
 @triton.jit
@@ -42,14 +48,6 @@ def _finite_or_zero(m):
     # A reference point: a running maximum while it is finite-or-+inf, 0 while everything is -inf
     # (so that exp() sees -inf, never -inf - -inf).
     return tl.where(m == float("-inf"), 0.0, m)
-
-
-@triton.jit
-def _online_step(running_max, x):
-    """Folds a tile into a running max; returns (new max, rescale of old sums, exp(x - new max))."""
-    new_max = tl.maximum(running_max, tl.max(x, axis=0))
-    ref = _finite_or_zero(new_max)
-    return new_max, tl.exp(running_max - ref), tl.exp(x - ref)
 
 
 @triton.jit
@@ -98,69 +96,177 @@ def _load_tile(c_row, u_row, idx, end):
 
 
 @triton.jit
-def _empty_stats(BLOCK: tl.constexpr):
-    """The running statistics before any tile: (c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum)."""
+def _load_full(c_row, u_row, idx):
+    """Both branches at `idx` in fp32, all inside the split: no mask, so no lane predicate and no
+    fill values to set up per tile."""
+    return tl.load(c_row + idx).to(tl.float32), tl.load(u_row + idx).to(tl.float32)
+
+
+@triton.jit
+def _whole_tiles_end(start, end, BLOCK: tl.constexpr):
+    """Where a split's whole tiles end: loops run unmasked up to it, then one masked tile if any."""
+    return start + (end - start) // BLOCK * BLOCK
+
+
+@triton.jit
+def _lanes_lse(m, s, x):
+    """Folds `x` into per-lane log-sum-exp pairs (running max `m`, `s` = Σ exp(entry - m)) at one
+    exponential per entry: exp(-|x - m|) rescales the old sum when x is the new maximum and is x's
+    own term otherwise. `m` starts at -FLT_MAX, never -inf: a masked entry then adds exp(-inf) = 0
+    and no lane meets -inf - -inf; NaN makes the sum NaN, +inf makes the lane's total NaN
+    (`_lanes_total`). Returns (m, s, the old sum's scale, x's term)."""
+    d = x - m
+    e = tl.math.exp2(-tl.abs(d) * _LOG2E)
+    up = d > 0
+    scale = tl.where(up, e, 1.0)
+    term = tl.where(up, 1.0, e)
+    return tl.maximum(m, x), s * scale + term, scale, term
+
+
+@triton.jit
+def _lanes_total(m, s):
+    """(max, Σ exp(entry - max)) of a statistic from its per-lane pairs; the max is the lanes' own
+    (-FLT_MAX when nothing was summed: see `_settled`)."""
+    top = tl.max(m, axis=0)
+    return top, tl.sum(s * tl.exp(m - top), axis=0)
+
+
+@triton.jit
+def _settled(top, total):
+    """A statistic's max as stored: -inf when it summed nothing."""
+    return tl.where(total == 0.0, float("-inf"), top)
+
+
+@triton.jit
+def _lanes_empty(BLOCK: tl.constexpr):
+    """Per-lane statistics before any entry: (c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum)."""
+    floor = tl.full([BLOCK], _FLOOR, tl.float32)
     zeros = tl.zeros([BLOCK], dtype=tl.float32)
-    return float("-inf"), float("-inf"), float("-inf"), zeros, zeros, zeros, zeros
+    return floor, zeros, floor, zeros, floor, zeros, zeros
 
 
 @triton.jit
-def _fold_tile(c, u, gamma, c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum, MODE: tl.constexpr):
-    """Folds one tile of both branches (fp32, -inf past the end) into the running statistics."""
+def _h(c, u, kappa, c_at, u_at):
+    """h' = c' + κ (u' - c') of live tokens (-inf elsewhere), with c' = c - c_at, u' = u - u_at:
+    differences of nearby values, so a large constant in a row costs no digits."""
+    c_shift = c - c_at
+    h = c_shift + kappa * ((u - u_at) - c_shift)
+    return tl.where((c != float("-inf")) & (u != float("-inf")), h, float("-inf"))
+
+
+@triton.jit
+def _fold_lanes(c, u, kappa, c_at, u_at, c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum,
+                MODE: tl.constexpr):
+    """Folds one tile of both branches (fp32, -inf past the end) into the per-lane statistics; h'
+    is taken against the fixed references (c_at, u_at), κ = 1 - γ."""
     if MODE != _RAW:
-        c_ref_old = _finite_or_zero(c_max)
-        u_ref_old = _finite_or_zero(u_max)
-        c_max, c_scale, c_exp = _online_step(c_max, c)
-        c_sum = c_sum * c_scale + c_exp
-        u_max, u_scale, u_exp = _online_step(u_max, u)
-        u_sum = u_sum * u_scale + u_exp
+        c_max, c_sum, c_scale, c_term = _lanes_lse(c_max, c_sum, c)
+        u_max, u_sum, _, _ = _lanes_lse(u_max, u_sum, u)
         if MODE == _INTERPOLATED:
-            c_ref = _finite_or_zero(c_max)
-            u_ref = _finite_or_zero(u_max)
-            # h' is taken against the running maxima: when they move, so does every h' seen so
-            # far, by the move of γ c_ref + (1 - γ) u_ref (from the moves, not the large values).
-            c_move = c_ref - c_ref_old
-            h_max = h_max - (c_move + (1.0 - gamma) * ((u_ref - u_ref_old) - c_move))
-            u_live = u != float("-inf")
-            c_shift = c - c_ref
-            h = tl.where(u_live & (c != float("-inf")),
-                         c_shift + (1.0 - gamma) * ((u - u_ref) - c_shift), float("-inf"))
-            h_max, h_scale, h_exp = _online_step(h_max, h)
-            h_sum = h_sum * h_scale + h_exp
-            # Masked-in-uncond tokens are rare: reuse cond's exponentials instead of a fourth exp.
-            m_sum = m_sum * c_scale + tl.where(u_live, 0.0, c_exp)
-    return c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum
+            h_max, h_sum, _, _ = _lanes_lse(h_max, h_sum, _h(c, u, kappa, c_at, u_at))
+            # Masked-in-uncond tokens share cond's maximum and exponential: no fourth exp.
+            m_sum = m_sum * c_scale + tl.where(u == float("-inf"), c_term, 0.0)
+    return c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum
 
 
 @triton.jit
-def _store_stats(out, c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum):
-    tl.store(out + 0, c_max)
-    tl.store(out + 1, tl.sum(c_sum, axis=0))
-    tl.store(out + 2, u_max)
-    tl.store(out + 3, tl.sum(u_sum, axis=0))
-    tl.store(out + 4, h_max)
-    tl.store(out + 5, tl.sum(h_sum, axis=0))
-    tl.store(out + 6, tl.sum(m_sum, axis=0))
+def _references(c_row, u_row, start, end, BLOCK: tl.constexpr):
+    """h's fixed references for a split: each branch's maximum over its first tile (0 if none is
+    finite). A row shifted by a constant shifts them alike; a split whose maxima end up far from
+    them recomputes h (`_store_lanes`)."""
+    c, u, _ = _load_tile(c_row, u_row, start + tl.arange(0, BLOCK), end)
+    return _finite_or_zero(tl.max(c, axis=0)), _finite_or_zero(tl.max(u, axis=0))
+
+
+@triton.jit
+def _h_lanes(c_row, u_row, start, end, kappa, c_at, u_at, BLOCK: tl.constexpr):
+    """h's per-lane statistics over a split against references (c_at, u_at)."""
+    lanes = tl.arange(0, BLOCK)
+    h_max = tl.full([BLOCK], _FLOOR, tl.float32)
+    h_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    whole = _whole_tiles_end(start, end, BLOCK)
+    for offset in range(start, whole, BLOCK):
+        c, u = _load_full(c_row, u_row, offset + lanes)
+        h_max, h_sum, _, _ = _lanes_lse(h_max, h_sum, _h(c, u, kappa, c_at, u_at))
+    if whole < end:
+        c, u, _ = _load_tile(c_row, u_row, whole + lanes, end)
+        h_max, h_sum, _, _ = _lanes_lse(h_max, h_sum, _h(c, u, kappa, c_at, u_at))
+    return h_max, h_sum
+
+
+@triton.jit
+def _store_lanes(out, c_row, u_row, start, end, kappa, c_at, u_at, c_max, c_sum, u_max, u_sum,
+                 h_max, h_sum, m_sum, MODE: tl.constexpr, BLOCK: tl.constexpr):
+    """Reduces a split's per-lane statistics and stores them (slots 0-6 of the `STATS` layout), h'
+    moved onto the split's maxima. Returns whether cond's or uncond's sum is NaN: the split holds
+    NaN or +inf (raw mode keeps no sums: False)."""
+    poisoned = False
+    if MODE != _RAW:
+        c_top, c_total = _lanes_total(c_max, c_sum)
+        u_top, u_total = _lanes_total(u_max, u_sum)
+        c_top = _settled(c_top, c_total)
+        u_top = _settled(u_top, u_total)
+        tl.store(out + 0, c_top)
+        tl.store(out + 1, c_total)
+        tl.store(out + 2, u_top)
+        tl.store(out + 3, u_total)
+        if MODE == _INTERPOLATED:
+            tl.store(out + 6, tl.sum(m_sum * tl.exp(c_max - tl.max(c_max, axis=0)), axis=0))
+            c_move = _finite_or_zero(c_top) - c_at
+            u_move = _finite_or_zero(u_top) - u_at
+            if (tl.abs(c_move) > _REBASE) | (tl.abs(u_move) > _REBASE):
+                # The first tile was no guide to the split's maxima: h' held large values and lost
+                # digits. Rare (a row's first tile far below its peak); one more read fixes it.
+                h_max, h_sum = _h_lanes(c_row, u_row, start, end, kappa, _finite_or_zero(c_top),
+                                        _finite_or_zero(u_top), BLOCK)
+                c_move = 0.0
+                u_move = 0.0
+            h_top, h_total = _lanes_total(h_max, h_sum)
+            # h' against the split's maxima moves by c_move + κ (u_move - c_move).
+            h_top = h_top - (c_move + kappa * (u_move - c_move))
+            tl.store(out + 4, _settled(h_top, h_total))
+            tl.store(out + 5, h_total)
+        poisoned = (c_total != c_total) | (u_total != u_total)
+    return poisoned
 
 
 @triton.jit
 def _guidance_stats_kernel(
     c_ptr, u_ptr, stats_ptr, gamma, gamma_ptr, V, stride_c, stride_u, split_len,
     MODE: tl.constexpr, GAMMA_PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
+    STRIDE: tl.constexpr, WHEN_FINITE: tl.constexpr,
 ):
+    """Statistics of each (row, split), STRIDE floats apart. With WHEN_FINITE >= 0, only rows that
+    need them: rows where a split's statistics hold a finite value at that slot (the sampling
+    passes compute them only for rows with tokens masked in uncond alone)."""
+    row = tl.program_id(0)
+    n_splits = tl.num_programs(1)
+    if WHEN_FINITE >= 0:
+        j = tl.arange(0, _MAX_SPLITS)
+        flags = tl.load(stats_ptr + (row * n_splits + j) * STRIDE + WHEN_FINITE, mask=j < n_splits,
+                        other=float("-inf"))
+        if tl.max(flags, axis=0) == float("-inf"):
+            return
     row, c_row, u_row, gamma = _row_start(c_ptr, u_ptr, stride_c, stride_u, gamma, gamma_ptr,
                                           GAMMA_PER_ROW)
     split = tl.program_id(1)
     lanes = tl.arange(0, BLOCK)
-    c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum = _empty_stats(BLOCK)
+    kappa = 1.0 - gamma
     start = split * split_len
     end = tl.minimum(start + split_len, V)
-    for offset in range(start, end, BLOCK):
-        c, u, inside = _load_tile(c_row, u_row, offset + lanes, end)
-        c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum = _fold_tile(
-            c, u, gamma, c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum, MODE)
-    _store_stats(stats_ptr + (row * tl.num_programs(1) + split) * _STATS,
-                 c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum)
+    c_at, u_at = _references(c_row, u_row, start, end, BLOCK)
+    c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum = _lanes_empty(BLOCK)
+    whole = _whole_tiles_end(start, end, BLOCK)
+    for offset in range(start, whole, BLOCK):
+        c, u = _load_full(c_row, u_row, offset + lanes)
+        c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum = _fold_lanes(
+            c, u, kappa, c_at, u_at, c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum, MODE)
+    if whole < end:
+        c, u, _ = _load_tile(c_row, u_row, whole + lanes, end)
+        c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum = _fold_lanes(
+            c, u, kappa, c_at, u_at, c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum, MODE)
+    _store_lanes(stats_ptr + (row * n_splits + split) * STRIDE, c_row, u_row, start, end, kappa, c_at,
+                 u_at, c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum, MODE, BLOCK)
 
 
 @triton.jit
@@ -304,7 +410,7 @@ def launch(cond, uncond, out, stats, mode, gamma, gamma_rows, mix, mix_rows, n_s
     if mode != RAW:
         _run(_guidance_stats_kernel, grid, key and ("stats",) + key,
              (cond, uncond, stats, gamma, gamma_rows, vocab, cond.stride(0), uncond.stride(0), split_len),
-             dict(MODE=mode, GAMMA_PER_ROW=gamma_per_row, BLOCK=BLOCK))
+             dict(MODE=mode, GAMMA_PER_ROW=gamma_per_row, BLOCK=BLOCK, STRIDE=STATS, WHEN_FINITE=-1))
     _run(_guidance_write_kernel, grid, key and ("write",) + key,
          (cond, uncond, out, stats, gamma, gamma_rows, mix, mix_rows, vocab, cond.stride(0),
           uncond.stride(0), split_len, n_splits),
@@ -325,8 +431,10 @@ def specializations():
                 sig = {"c_ptr": in_t, "u_ptr": in_t, "stats_ptr": "*fp32", "gamma": "fp32",
                        "gamma_ptr": "*fp32" if gamma_rows else "constexpr", "V": "i32",
                        "stride_c": "i32", "stride_u": "i32", "split_len": "i32",
-                       "MODE": "constexpr", "GAMMA_PER_ROW": "constexpr", "BLOCK": "constexpr"}
-                const = {"MODE": mode, "GAMMA_PER_ROW": gamma_rows, "BLOCK": BLOCK}
+                       "MODE": "constexpr", "GAMMA_PER_ROW": "constexpr", "BLOCK": "constexpr",
+                       "STRIDE": "constexpr", "WHEN_FINITE": "constexpr"}
+                const = {"MODE": mode, "GAMMA_PER_ROW": gamma_rows, "BLOCK": BLOCK, "STRIDE": STATS,
+                         "WHEN_FINITE": -1}
                 if not gamma_rows:
                     const["gamma_ptr"] = None
                 yield _guidance_stats_kernel, sig, const, NUM_WARPS

@@ -28,23 +28,27 @@ Per (row, split), SAMPLE_STATS floats: the guidance statistics (slots 0-6, as `g
 count of NaN/+inf inputs, then (best, index) pairs: noisy live, noisy masked, plain live, plain
 masked; then (max, sum) of `exp(key / T)` for live and masked tokens. Indices are int32 bits.
 """
+import os
+
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from cfg_triton.modes import INTERPOLATED, NORMALIZED, RAW
 
-from .guidance import (BLOCK, MAX_SPLITS, NUM_WARPS, _empty_stats, _fold_tile, _guided, _load_tile,
-                       _online_step, _row_constants, _row_start, _run, _store_stats)
-from .token_logprobs import (STATS_BLOCK, _NO_INDEX, _fold_best, _group_keys, _group_winners, _kappa,
-                             _pick, _poisoned, _score_at, _split_best, _split_sum, _store_best)
+from .guidance import (_FLOOR, _LOG2E, _MAX_SPLITS, BLOCK, MAX_SPLITS, NUM_WARPS, STATS,
+                       _guidance_stats_kernel, _lanes_lse, _lanes_total, _load_full, _load_tile,
+                       _row_constants, _row_start, _run, _whole_tiles_end)
+from .token_logprobs import (_NO_INDEX, _best_of_lanes, _group_keys, _is_poisoned, _kappa,
+                             _lanes_best, _lanes_poison, _pick, _split_best, _split_sum, _store_best)
 
 SAMPLE_STATS = 20
 _SAMPLE_STATS = tl.constexpr(SAMPLE_STATS)
 DRAW_STATS = 4  # per (row, split) of the draw pass: best, index, max, sum
 _DRAW_STATS = tl.constexpr(DRAW_STATS)
-# Per row between passes, fp32: pending draw (1.0 or 0.0), its threshold, s_max, 1/T, the
-# unfiltered draw's score, the top-k mass Z_k, the min-p threshold, the mass at the search's lo.
-STATE = 8
+# Per row between passes, fp32: pending draw (1.0 or 0.0), its threshold, σ_max, 1/T, the
+# unfiltered draw's σ, the top-k mass Z_k, the min-p threshold, the mass at the search's lo, δ.
+STATE = 10
 _STATE = tl.constexpr(STATE)
 # Per row, int64: search phase, lo, hi (order-preserving int codes of fp32 scores).
 ISTATE = 4
@@ -53,12 +57,18 @@ _IDLE = tl.constexpr(0)
 _CHECK = tl.constexpr(1)
 _TOP_K = tl.constexpr(2)
 _TOP_P = tl.constexpr(3)
-PIVOTS = 64
-SEARCH_BLOCK = 64
-# A search narrows a code interval of at most 2**32 by a factor PIVOTS per pass: 6 passes per
+PIVOTS = 16
+# A search narrows a code interval of at most 2**32 by a factor PIVOTS per pass: 8 passes per
 # threshold, after one pass that checks the unfiltered draw.
-SEARCH_PASSES = 1 + 6 + 6
+SEARCH_PASSES = 1 + 8 + 8
 _CODE_MIN = tl.constexpr(-2139095040)  # the code of -FLT_MAX; -inf is one below
+_RAW = tl.constexpr(RAW)
+_INTERPOLATED = tl.constexpr(INTERPOLATED)
+_LN2 = tl.constexpr(0.6931471805599453)
+MASKED_KEY = 14  # the statistics slot of a split's best key among tokens masked in uncond alone
+_MASKED_KEY = tl.constexpr(MASKED_KEY)
+# The interpreter runs numpy and knows no libdevice: it takes the exact log2.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
@@ -73,11 +83,30 @@ def _mix32(h):
 
 
 @triton.jit
-def _gumbel(row_key, idx):
-    """Standard Gumbel noise of tokens `idx` under a uint32 row key (`cfg_triton.rng.gumbel`)."""
-    h = _mix32(row_key ^ _mix32(idx.to(tl.uint32) + 0x9E3779B9))
-    u = ((h >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08  # 2**-24
-    return -tl.log(-tl.log(u))
+def _hash_constants(keys_ptr, row):
+    """A row's token-hash multiplier and offset (`cfg_triton.rng.token_hash_constants`)."""
+    key = tl.load(keys_ptr + row).to(tl.uint32)
+    return key | 1, _mix32(key)
+
+
+@triton.jit
+def _log2(x):
+    """log2 in one MUFU.LG2 (the hardware approximation, within 2**-22 relative; exact below 1e-7
+    relative is all a Gumbel key needs: draws differ only at such near ties)."""
+    if _INTERPRETED:
+        return tl.math.log2(x)
+    else:
+        return libdevice.fast_log2f(x)
+
+
+@triton.jit
+def _noise(multiplier, offset, idx):
+    """Base-2 Gumbel noise of tokens `idx` (`cfg_triton.rng.gumbel`): one finalizer, then
+    `u = (k + 1/2) 2**-23` built from the hash's top 23 bits as a float in [1, 2) minus
+    (1 - 2**-24) (exact), and two hardware log2."""
+    h = _mix32(idx.to(tl.uint32) * multiplier + offset)
+    u = ((h >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - 0.999999940395355224609375
+    return -_log2(-_log2(u))
 
 
 @triton.jit
@@ -95,60 +124,118 @@ def _sample_row(c_ptr, u_ptr, stride_c, stride_u, gamma_ptr, mix_ptr, temp_ptr):
 
 
 @triton.jit
+def _sample_fold(c, u, offset, lanes, kappa, t_ln2, inv_t, multiplier, hash_offset, live_best,
+                 live_at, masked_best, masked_at, noisy_best, noisy_at, z_max, z_sum, worst,
+                 NOISE: tl.constexpr, PARTITION: tl.constexpr):
+    live_key, masked_key = _group_keys(c, u, kappa)
+    live_best, live_at = _lanes_best(live_key, offset, live_best, live_at)
+    masked_best, masked_at = _lanes_best(masked_key, offset, masked_best, masked_at)
+    if NOISE:
+        noisy = live_key + t_ln2 * _noise(multiplier, hash_offset, offset + lanes)
+        noisy_best, noisy_at = _lanes_best(noisy, offset, noisy_best, noisy_at)
+    if PARTITION:
+        z_max, z_sum, _, _ = _lanes_lse(z_max, z_sum, live_key * inv_t)
+    worst = _lanes_poison(worst, c, u)
+    return live_best, live_at, masked_best, masked_at, noisy_best, noisy_at, z_max, z_sum, worst
+
+
+@triton.jit
 def _sample_stats_kernel(
     c_ptr, u_ptr, stats_ptr, keys_ptr, gamma_ptr, mix_ptr, temp_ptr, V, stride_c, stride_u,
     split_len,
     MODE: tl.constexpr, NOISE: tl.constexpr, PARTITION: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """The one read every draw makes, live group only (tokens masked in uncond alone are only
+    found here: `_sample_masked_kernel` and the guidance statistics follow for their rows)."""
     row, c_row, u_row, gamma, mix, temp = _sample_row(c_ptr, u_ptr, stride_c, stride_u, gamma_ptr,
                                                       mix_ptr, temp_ptr)
     split = tl.program_id(1)
     kappa = _kappa(gamma, mix, MODE)
     inv_t = _inverse_temperature(temp)
-    row_key = tl.load(keys_ptr + row).to(tl.uint32)
+    t_ln2 = temp * _LN2
+    multiplier, hash_offset = _hash_constants(keys_ptr, row)
     lanes = tl.arange(0, BLOCK)
-    c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum = _empty_stats(BLOCK)
-    noisy_live, noisy_live_idx = float("-inf"), _NO_INDEX
-    noisy_masked, noisy_masked_idx = float("-inf"), _NO_INDEX
-    plain_live, plain_live_idx = float("-inf"), _NO_INDEX
-    plain_masked, plain_masked_idx = float("-inf"), _NO_INDEX
-    z_live_max, z_masked_max = float("-inf"), float("-inf")
-    z_live = tl.zeros([BLOCK], dtype=tl.float32)
-    z_masked = tl.zeros([BLOCK], dtype=tl.float32)
-    bad = 0
+    live_best = tl.full([BLOCK], float("-inf"), tl.float32)
+    live_at = tl.zeros([BLOCK], dtype=tl.int32)
+    masked_best, masked_at, noisy_best, noisy_at, worst = live_best, live_at, live_best, live_at, live_best
+    z_max = tl.full([BLOCK], _FLOOR, tl.float32)
+    z_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    start = split * split_len
+    end = tl.minimum(start + split_len, V)
+    whole = _whole_tiles_end(start, end, BLOCK)
+    for offset in range(start, whole, BLOCK):
+        c, u = _load_full(c_row, u_row, offset + lanes)
+        live_best, live_at, masked_best, masked_at, noisy_best, noisy_at, z_max, z_sum, worst = \
+            _sample_fold(c, u, offset, lanes, kappa, t_ln2, inv_t, multiplier, hash_offset, live_best,
+                         live_at, masked_best, masked_at, noisy_best, noisy_at, z_max, z_sum, worst,
+                         NOISE, PARTITION)
+    if whole < end:
+        c, u, _ = _load_tile(c_row, u_row, whole + lanes, end)
+        live_best, live_at, masked_best, masked_at, noisy_best, noisy_at, z_max, z_sum, worst = \
+            _sample_fold(c, u, whole, lanes, kappa, t_ln2, inv_t, multiplier, hash_offset, live_best,
+                         live_at, masked_best, masked_at, noisy_best, noisy_at, z_max, z_sum, worst,
+                         NOISE, PARTITION)
+    out = stats_ptr + (row * tl.num_programs(1) + split) * _SAMPLE_STATS
+    tl.store(out + 7, _is_poisoned(worst).to(tl.float32))
+    if NOISE:
+        best, index = _best_of_lanes(noisy_best, noisy_at, BLOCK)
+        _store_best(out + 8, best, index)
+    # The masked group's slots hold "empty" unless `_sample_masked_kernel` fills them.
+    _store_best(out + 10, float("-inf"), tl.full([], _NO_INDEX, tl.int32))
+    best, index = _best_of_lanes(live_best, live_at, BLOCK)
+    _store_best(out + 12, best, index)
+    best, index = _best_of_lanes(masked_best, masked_at, BLOCK)
+    _store_best(out + 14, best, index)
+    top, total = _lanes_total(z_max, z_sum)
+    tl.store(out + 16, top)
+    tl.store(out + 17, total)
+    tl.store(out + 18, float("-inf"))
+    tl.store(out + 19, 0.0)
+
+
+@triton.jit
+def _sample_masked_kernel(
+    c_ptr, u_ptr, stats_ptr, keys_ptr, temp_ptr, V, stride_c, stride_u, split_len,
+    NOISE: tl.constexpr, PARTITION: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """For rows with tokens masked in uncond alone (rare): that group's noisy winner and partition
+    sum, which the statistics pass left empty."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    stats_row = stats_ptr + row * n_splits * _SAMPLE_STATS
+    if _split_best(stats_row, _MASKED_KEY, n_splits, _SAMPLE_STATS, _MAX_SPLITS) == _NO_INDEX:
+        return
+    c_row = c_ptr + row.to(tl.int64) * stride_c
+    u_row = u_ptr + row.to(tl.int64) * stride_u
+    temp = tl.load(temp_ptr + row)
+    inv_t = _inverse_temperature(temp)
+    t_ln2 = temp * _LN2
+    multiplier, hash_offset = _hash_constants(keys_ptr, row)
+    lanes = tl.arange(0, BLOCK)
+    noisy_best = tl.full([BLOCK], float("-inf"), tl.float32)
+    noisy_at = tl.zeros([BLOCK], dtype=tl.int32)
+    z_max = tl.full([BLOCK], _FLOOR, tl.float32)
+    z_sum = tl.zeros([BLOCK], dtype=tl.float32)
     start = split * split_len
     end = tl.minimum(start + split_len, V)
     for offset in range(start, end, BLOCK):
         idx = offset + lanes
-        c, u, inside = _load_tile(c_row, u_row, idx, end)
-        c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum = _fold_tile(
-            c, u, gamma, c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum, MODE)
-        live_key, masked_key = _group_keys(c, u, kappa)
-        plain_live, plain_live_idx = _fold_best(live_key, idx, plain_live, plain_live_idx)
-        plain_masked, plain_masked_idx = _fold_best(masked_key, idx, plain_masked, plain_masked_idx)
+        c, u, _ = _load_tile(c_row, u_row, idx, end)
+        key = tl.where(u == float("-inf"), c, float("-inf"))
         if NOISE:
-            noise = temp * _gumbel(row_key, idx)
-            noisy_live, noisy_live_idx = _fold_best(live_key + noise, idx, noisy_live, noisy_live_idx)
-            noisy_masked, noisy_masked_idx = _fold_best(masked_key + noise, idx, noisy_masked,
-                                                        noisy_masked_idx)
+            noisy_best, noisy_at = _lanes_best(key + t_ln2 * _noise(multiplier, hash_offset, idx),
+                                               offset, noisy_best, noisy_at)
         if PARTITION:
-            z_live_max, scale, e = _online_step(z_live_max, live_key * inv_t)
-            z_live = z_live * scale + e
-            z_masked_max, scale, e = _online_step(z_masked_max, masked_key * inv_t)
-            z_masked = z_masked * scale + e
-        bad += _poisoned(c, u)
-    out = stats_ptr + (row * tl.num_programs(1) + split) * _SAMPLE_STATS
-    _store_stats(out, c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum)
-    tl.store(out + 7, bad.to(tl.float32))
-    if NOISE:  # without noise, nothing reads slots 8-11
-        _store_best(out + 8, noisy_live, noisy_live_idx)
-        _store_best(out + 10, noisy_masked, noisy_masked_idx)
-    _store_best(out + 12, plain_live, plain_live_idx)
-    _store_best(out + 14, plain_masked, plain_masked_idx)
-    tl.store(out + 16, z_live_max)
-    tl.store(out + 17, tl.sum(z_live, axis=0))
-    tl.store(out + 18, z_masked_max)
-    tl.store(out + 19, tl.sum(z_masked, axis=0))
+            z_max, z_sum, _, _ = _lanes_lse(z_max, z_sum, key * inv_t)
+    out = stats_row + split * _SAMPLE_STATS
+    if NOISE:
+        best, index = _best_of_lanes(noisy_best, noisy_at, BLOCK)
+        _store_best(out + 10, best, index)
+    if PARTITION:
+        top, total = _lanes_total(z_max, z_sum)
+        tl.store(out + 18, top)
+        tl.store(out + 19, total)
 
 
 @triton.jit
@@ -166,13 +253,40 @@ def _split_logsum(stats_row, max_slot: tl.constexpr, n_splits, STRIDE: tl.conste
 
 
 @triton.jit
-def _key_at(c_row, u_row, i, kappa, MASKED: tl.constexpr):
-    """The ranking key of token `i` in its group (see the module docstring)."""
-    c = tl.load(c_row + i).to(tl.float32)
-    if MASKED:
-        return c
-    u = tl.load(u_row + i).to(tl.float32)
-    return c + kappa * (u - c)
+def _split_max(stats_row, slot: tl.constexpr, n_splits, STRIDE: tl.constexpr,
+               MAX_SPLITS: tl.constexpr):
+    """The largest of a row's per-split values at `slot`."""
+    j = tl.arange(0, MAX_SPLITS)
+    return tl.max(tl.load(stats_row + j * STRIDE + slot, mask=j < n_splits, other=float("-inf")),
+                  axis=0)
+
+
+@triton.jit
+def _sigma(c, u, kappa, delta):
+    """σ, the guided score on the live tokens' key scale: `c + κ (u − c)` for live tokens, `c − δ`
+    for tokens masked in uncond alone (δ puts their group on the same scale), -inf for tokens
+    masked in cond."""
+    s = tl.where(u == float("-inf"), c - delta, c + kappa * (u - c))
+    return tl.where(c == float("-inf"), float("-inf"), s)
+
+
+@triton.jit
+def _sigma_at(c_row, u_row, i, kappa, delta):
+    return _sigma(tl.load(c_row + i).to(tl.float32), tl.load(u_row + i).to(tl.float32), kappa, delta)
+
+
+@triton.jit
+def _masked_offset(stats_row, n_splits, gamma, mix, MODE: tl.constexpr):
+    """δ: the masked group's key offset relative to the live group's (guided score = key - A per
+    group, δ = A_masked - A_live), from the row's guidance statistics. 0 in raw mode."""
+    delta = 0.0
+    if MODE != _RAW:
+        c_ref, u_ref, lse_c, live_const, masked_const = _row_constants(
+            stats_row, n_splits, gamma, _SAMPLE_STATS, MODE, _MAX_SPLITS)
+        delta = masked_const - live_const - (1.0 - gamma) * (u_ref - c_ref)
+        if MODE == _INTERPOLATED:
+            delta = mix * delta
+    return delta
 
 
 @triton.jit
@@ -185,38 +299,36 @@ def _sample_finish_kernel(
     row, c_row, u_row, gamma, mix, temp = _sample_row(c_ptr, u_ptr, stride_c, stride_u, gamma_ptr,
                                                       mix_ptr, temp_ptr)
     stats_row = stats_ptr + row * n_splits * _SAMPLE_STATS
-    c_ref, u_ref, lse_c, live_const, masked_const = _row_constants(
-        stats_row, n_splits, gamma, _SAMPLE_STATS, MODE, MAX_SPLITS)
-    # The row maximum of the guided scores s: the better of the two groups' plain winners.
-    plain_live, plain_live_at, live_top, plain_masked, plain_masked_at, masked_top = _group_winners(
-        c_row, u_row, stats_row, 12, n_splits, _SAMPLE_STATS, MAX_SPLITS, gamma, mix, c_ref, u_ref,
-        lse_c, live_const, masked_const, MODE)
-    token, s_max = _pick(plain_live, live_top, plain_masked, masked_top)
+    kappa = _kappa(gamma, mix, MODE)
+    live = _split_best(stats_row, 12, n_splits, _SAMPLE_STATS, MAX_SPLITS)
+    masked = _split_best(stats_row, 14, n_splits, _SAMPLE_STATS, MAX_SPLITS)
+    has_masked = masked != _NO_INDEX
+    # Without tokens masked in uncond alone (the common case) the guidance statistics were never
+    # computed, and nothing needs them.
+    delta = tl.where(has_masked, _masked_offset(stats_row, n_splits, gamma, mix, MODE), 0.0)
+    live_at = tl.where(live == _NO_INDEX, 0, live)
+    masked_at = tl.where(has_masked, masked, 0)
+    live_top = tl.where(live == _NO_INDEX, float("-inf"), _sigma_at(c_row, u_row, live_at, kappa, delta))
+    masked_top = tl.where(has_masked, _sigma_at(c_row, u_row, masked_at, kappa, delta), float("-inf"))
+    token, s_max = _pick(live, live_top, masked, masked_top)
     dead = (token == _NO_INDEX) | (_split_sum(stats_row, 7, n_splits, _SAMPLE_STATS, MAX_SPLITS) > 0)
     score = s_max
     if NOISE:  # T > 0 rows take the noisy winner; greedy rows keep the plain one
-        row_key = tl.load(keys_ptr + row).to(tl.uint32)
-        noisy_live, noisy_live_at, live_s, noisy_masked, noisy_masked_at, masked_s = _group_winners(
-            c_row, u_row, stats_row, 8, n_splits, _SAMPLE_STATS, MAX_SPLITS, gamma, mix, c_ref,
-            u_ref, lse_c, live_const, masked_const, MODE)
-        noisy, _ = _pick(noisy_live, live_s + temp * _gumbel(row_key, noisy_live_at),
-                         noisy_masked, masked_s + temp * _gumbel(row_key, noisy_masked_at))
+        noisy_live = _split_best(stats_row, 8, n_splits, _SAMPLE_STATS, MAX_SPLITS)
+        noisy_masked = _split_best(stats_row, 10, n_splits, _SAMPLE_STATS, MAX_SPLITS)
+        live_noisy = _split_max(stats_row, 8, n_splits, _SAMPLE_STATS, MAX_SPLITS)
+        masked_noisy = _split_max(stats_row, 10, n_splits, _SAMPLE_STATS, MAX_SPLITS) - delta
+        noisy, _ = _pick(noisy_live, live_noisy, noisy_masked, masked_noisy)
         sampled = temp > 0
         token = tl.where(sampled, noisy, token)
-        score = tl.where(sampled, tl.where(noisy == noisy_masked, masked_s, live_s), score)
+        noisy_score = _sigma_at(c_row, u_row, tl.where(noisy == _NO_INDEX, 0, noisy), kappa, delta)
+        score = tl.where(sampled, noisy_score, score)
     inv_t = _inverse_temperature(temp)
     if LOGPROBS:
-        # Σ_i exp((s_i - s_max) / T) per group from its Σ exp(key_i / T): s = key - A in a group,
-        # with A read off the group's plain winner.
-        kappa = _kappa(gamma, mix, MODE)
-        live_a = _key_at(c_row, u_row, plain_live_at, kappa, False) - live_top
-        masked_a = _key_at(c_row, u_row, plain_masked_at, kappa, True) - masked_top
-        live_z = _split_logsum(stats_row, 16, n_splits, _SAMPLE_STATS, MAX_SPLITS)
-        masked_z = _split_logsum(stats_row, 18, n_splits, _SAMPLE_STATS, MAX_SPLITS)
-        # An empty group adds nothing (its A, read at a stand-in index, is meaningless).
-        live_z = tl.where(plain_live == _NO_INDEX, float("-inf"), live_z - (live_a + s_max) * inv_t)
-        masked_z = tl.where(plain_masked == _NO_INDEX, float("-inf"),
-                            masked_z - (masked_a + s_max) * inv_t)
+        # log Σ exp((σ - σ_max) / T) from each group's Σ exp(key / T).
+        live_z = _split_logsum(stats_row, 16, n_splits, _SAMPLE_STATS, MAX_SPLITS) - s_max * inv_t
+        masked_z = _split_logsum(stats_row, 18, n_splits, _SAMPLE_STATS, MAX_SPLITS) \
+            - (s_max + delta) * inv_t
         top_z = tl.maximum(live_z, masked_z)
         ref = tl.where(top_z == float("-inf"), 0.0, top_z)
         log_z = ref + tl.log(tl.exp(live_z - ref) + tl.exp(masked_z - ref))
@@ -243,6 +355,7 @@ def _sample_finish_kernel(
     tl.store(state + 1, threshold)
     tl.store(state + 2, s_max)
     tl.store(state + 3, inv_t)
+    tl.store(state + 8, delta)
     tl.store(tokens_ptr + row, tl.where(dead, -1, token).to(tl.int64))
 
 
@@ -273,13 +386,41 @@ def _pivots(phase, lo, hi, s_x0, PIVOTS: tl.constexpr):
 
 
 @triton.jit
+def _tally(codes, weights, pivots, counts, masses, PIVOTS: tl.constexpr, BLOCK: tl.constexpr,
+           GROUP: tl.constexpr):
+    """Adds a tile's count and mass at or above each pivot to per-thread accumulators
+    (`[BLOCK / GROUP]` each, one pair per pivot): the GROUP contiguous entries of one 128-bit load
+    are summed in their thread's registers, so no pivot costs a shuffle or a barrier."""
+    new_counts = ()
+    new_masses = ()
+    for j in tl.static_range(PIVOTS):
+        above = codes >= pivots[j]
+        new_counts = new_counts + (counts[j] + _per_load(above.to(tl.float32), BLOCK, GROUP),)
+        new_masses = new_masses + (masses[j] + _per_load(tl.where(above, weights, 0.0), BLOCK, GROUP),)
+    return new_counts, new_masses
+
+
+@triton.jit
+def _per_load(x, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    return tl.sum(tl.reshape(x, [BLOCK // GROUP, GROUP]), axis=1)
+
+
+@triton.jit
+def _search_fold(c, u, kappa, delta, s_max, inv_t, pivots, counts, masses, PIVOTS: tl.constexpr,
+                 BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    s = _sigma(c, u, kappa, delta)
+    weights = tl.math.exp2((s - s_max) * inv_t)  # 0 for masked tokens, whose code is below every pivot
+    return _tally(_code(s), weights, pivots, counts, masses, PIVOTS, BLOCK, GROUP)
+
+
+@triton.jit
 def _sample_search_kernel(
-    c_ptr, u_ptr, stats_ptr, part_ptr, state_ptr, istate_ptr, gamma_ptr, mix_ptr, temp_ptr,
+    c_ptr, u_ptr, part_ptr, state_ptr, istate_ptr, gamma_ptr, mix_ptr, temp_ptr,
     V, stride_c, stride_u, split_len, n_splits,
-    MODE: tl.constexpr, MAX_SPLITS: tl.constexpr, PIVOTS: tl.constexpr, BLOCK: tl.constexpr,
+    MODE: tl.constexpr, PIVOTS: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """One re-read for rows still searching: per pivot, the count and the mass (Σ exp((s - s_max)
-    / T)) of tokens whose score's code is at least the pivot, per split."""
+    """One re-read for rows still searching: per pivot, the count and the mass (Σ exp((σ - σ_max)
+    / T)) of tokens whose σ's code is at least the pivot, per split."""
     row = tl.program_id(0)
     phase = tl.load(istate_ptr + row * _ISTATE)
     if phase == _IDLE:
@@ -291,25 +432,32 @@ def _sample_search_kernel(
     split = tl.program_id(1)
     state = state_ptr + row * _STATE
     s_max = tl.load(state + 2)
-    inv_t = tl.load(state + 3)
-    pivots = _pivots(phase, lo, hi, tl.load(state + 4), PIVOTS)
-    c_ref, u_ref, lse_c, live_const, masked_const = _row_constants(
-        stats_ptr + row * n_splits * _SAMPLE_STATS, n_splits, gamma, _SAMPLE_STATS, MODE, MAX_SPLITS)
+    inv_t = tl.load(state + 3) * _LOG2E  # the mass is summed in base 2
+    kappa = _kappa(gamma, mix, MODE)
+    delta = tl.load(state + 8)
+    every = _pivots(phase, lo, hi, tl.load(state + 4), PIVOTS)
+    pivots = ()
+    counts = ()
+    for j in tl.static_range(PIVOTS):
+        pivots = pivots + (_at(every, j, PIVOTS),)
+        counts = counts + (tl.zeros([BLOCK // GROUP], dtype=tl.float32),)
+    masses = counts
     lanes = tl.arange(0, BLOCK)
-    count = tl.zeros([PIVOTS], dtype=tl.float32)
-    mass = tl.zeros([PIVOTS], dtype=tl.float32)
     start = split * split_len
     end = tl.minimum(start + split_len, V)
-    for offset in range(start, end, BLOCK):
-        c, u, inside = _load_tile(c_row, u_row, offset + lanes, end)
-        s = _guided(c, u, gamma, mix, c_ref, u_ref, lse_c, live_const, masked_const, MODE)
-        weight = tl.exp((s - s_max) * inv_t)  # 0 for masked tokens, whose code is below every pivot
-        above = _code(s)[:, None] >= pivots[None, :]
-        count += tl.sum(above.to(tl.float32), axis=0)
-        mass += tl.sum(tl.where(above, weight[:, None], 0.0), axis=0)
-    out = part_ptr + ((row * n_splits + split) * PIVOTS + tl.arange(0, PIVOTS)) * 2
-    tl.store(out, count)
-    tl.store(out + 1, mass)
+    whole = _whole_tiles_end(start, end, BLOCK)
+    for offset in range(start, whole, BLOCK):
+        c, u = _load_full(c_row, u_row, offset + lanes)
+        counts, masses = _search_fold(c, u, kappa, delta, s_max, inv_t, pivots, counts, masses, PIVOTS,
+                                      BLOCK, GROUP)
+    if whole < end:
+        c, u, _ = _load_tile(c_row, u_row, whole + lanes, end)
+        counts, masses = _search_fold(c, u, kappa, delta, s_max, inv_t, pivots, counts, masses, PIVOTS,
+                                      BLOCK, GROUP)
+    out = part_ptr + (row * n_splits + split) * PIVOTS * 2
+    for j in tl.static_range(PIVOTS):
+        tl.store(out + 2 * j, tl.sum(counts[j], axis=0))
+        tl.store(out + 2 * j + 1, tl.sum(masses[j], axis=0))
 
 
 @triton.jit
@@ -325,7 +473,8 @@ def _bisect(values, target, pivots, lo, hi, PIVOTS: tl.constexpr):
 
 @triton.jit
 def _at(values, index, PIVOTS: tl.constexpr):
-    return tl.sum(tl.where(tl.arange(0, PIVOTS) == index, values, 0.0), axis=0)
+    """values[index] of a `[PIVOTS]` tensor, in its own dtype."""
+    return tl.sum(tl.where(tl.arange(0, PIVOTS) == index, values, 0), axis=0)
 
 
 @triton.jit
@@ -394,13 +543,23 @@ def _sample_step_kernel(
 
 
 @triton.jit
+def _draw_fold(c, u, offset, lanes, kappa, delta, threshold, s_max, t_ln2, inv_t, multiplier,
+               hash_offset, best, best_at, mass):
+    s = _sigma(c, u, kappa, delta)
+    kept = s >= threshold
+    noisy = tl.where(kept, s + t_ln2 * _noise(multiplier, hash_offset, offset + lanes), float("-inf"))
+    best, best_at = _lanes_best(noisy, offset, best, best_at)
+    return best, best_at, mass + tl.where(kept, tl.math.exp2((s - s_max) * inv_t), 0.0)
+
+
+@triton.jit
 def _sample_draw_kernel(
-    c_ptr, u_ptr, stats_ptr, draw_ptr, state_ptr, keys_ptr, gamma_ptr, mix_ptr, temp_ptr,
+    c_ptr, u_ptr, draw_ptr, state_ptr, keys_ptr, gamma_ptr, mix_ptr, temp_ptr,
     V, stride_c, stride_u, split_len, n_splits,
-    MODE: tl.constexpr, MAX_SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+    MODE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Second read, for rows the finish marked pending: the noisy argmax of `s + T·g` over kept
-    tokens (`s >= threshold`), and Σ exp((s - s_max) / T) over them, per split."""
+    """Second read, for rows the finish marked pending: the noisy argmax of `σ + T·ln2·g` over kept
+    tokens (`σ >= threshold`), and Σ exp((σ - σ_max) / T) over them, per split."""
     row = tl.program_id(0)
     state = state_ptr + row * _STATE
     if tl.load(state + 0) == 0.0:
@@ -408,33 +567,38 @@ def _sample_draw_kernel(
     row, c_row, u_row, gamma, mix, temp = _sample_row(c_ptr, u_ptr, stride_c, stride_u, gamma_ptr,
                                                       mix_ptr, temp_ptr)
     split = tl.program_id(1)
-    threshold = tl.load(state + 1)
+    # -FLT_MAX at the lowest: a masked token (σ = -inf) is never kept.
+    threshold = tl.maximum(tl.load(state + 1), _FLOOR)
     s_max = tl.load(state + 2)
-    inv_t = tl.load(state + 3)
-    c_ref, u_ref, lse_c, live_const, masked_const = _row_constants(
-        stats_ptr + row * n_splits * _SAMPLE_STATS, n_splits, gamma, _SAMPLE_STATS, MODE, MAX_SPLITS)
-    row_key = tl.load(keys_ptr + row).to(tl.uint32)
+    inv_t = tl.load(state + 3) * _LOG2E  # the mass is summed in base 2
+    delta = tl.load(state + 8)
+    kappa = _kappa(gamma, mix, MODE)
+    t_ln2 = temp * _LN2
+    multiplier, hash_offset = _hash_constants(keys_ptr, row)
     lanes = tl.arange(0, BLOCK)
-    best, best_idx = float("-inf"), _NO_INDEX
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_at = tl.zeros([BLOCK], dtype=tl.int32)
     mass = tl.zeros([BLOCK], dtype=tl.float32)
     start = split * split_len
     end = tl.minimum(start + split_len, V)
-    for offset in range(start, end, BLOCK):
-        idx = offset + lanes
-        c, u, inside = _load_tile(c_row, u_row, idx, end)
-        s = _guided(c, u, gamma, mix, c_ref, u_ref, lse_c, live_const, masked_const, MODE)
-        kept = (s >= threshold) & (s != float("-inf"))
-        best, best_idx = _fold_best(tl.where(kept, s + temp * _gumbel(row_key, idx), float("-inf")),
-                                    idx, best, best_idx)
-        mass += tl.where(kept, tl.exp((s - s_max) * inv_t), 0.0)
+    whole = _whole_tiles_end(start, end, BLOCK)
+    for offset in range(start, whole, BLOCK):
+        c, u = _load_full(c_row, u_row, offset + lanes)
+        best, best_at, mass = _draw_fold(c, u, offset, lanes, kappa, delta, threshold, s_max, t_ln2,
+                                         inv_t, multiplier, hash_offset, best, best_at, mass)
+    if whole < end:
+        c, u, _ = _load_tile(c_row, u_row, whole + lanes, end)
+        best, best_at, mass = _draw_fold(c, u, whole, lanes, kappa, delta, threshold, s_max, t_ln2,
+                                         inv_t, multiplier, hash_offset, best, best_at, mass)
     out = draw_ptr + (row * n_splits + split) * _DRAW_STATS
-    _store_best(out, best, best_idx)
+    best, index = _best_of_lanes(best, best_at, BLOCK)
+    _store_best(out, best, index)
     tl.store(out + 2, tl.sum(mass, axis=0))
 
 
 @triton.jit
 def _sample_draw_finish_kernel(
-    c_ptr, u_ptr, tokens_ptr, logprobs_ptr, stats_ptr, draw_ptr, state_ptr, gamma_ptr, mix_ptr,
+    c_ptr, u_ptr, tokens_ptr, logprobs_ptr, draw_ptr, state_ptr, gamma_ptr, mix_ptr,
     temp_ptr, V, stride_c, stride_u, n_splits,
     MODE: tl.constexpr, LOGPROBS: tl.constexpr, MAX_SPLITS: tl.constexpr,
 ):
@@ -448,11 +612,7 @@ def _sample_draw_finish_kernel(
     token = _split_best(draw_row, 0, n_splits, _DRAW_STATS, MAX_SPLITS)
     tl.store(tokens_ptr + row, token.to(tl.int64))
     if LOGPROBS:
-        c_ref, u_ref, lse_c, live_const, masked_const = _row_constants(
-            stats_ptr + row * n_splits * _SAMPLE_STATS, n_splits, gamma, _SAMPLE_STATS, MODE,
-            MAX_SPLITS)
-        s = _score_at(c_row, u_row, token, gamma, mix, c_ref, u_ref, lse_c, live_const, masked_const,
-                      MODE)
+        s = _sigma_at(c_row, u_row, token, _kappa(gamma, mix, MODE), tl.load(state + 8))
         mass = _split_sum(draw_row, 2, n_splits, _DRAW_STATS, MAX_SPLITS)
         tl.store(logprobs_ptr + row, (s - tl.load(state + 2)) * tl.load(state + 3) - tl.log(mass))
 
@@ -481,7 +641,18 @@ def launch(cond, uncond, keys, tokens, logprobs, stats, draw, state, istate, par
     filters = top_k is not None and noise
     _run(_sample_stats_kernel, grid, key and ("sample-stats",) + key,
          (cond, uncond, stats, keys, *rows, *shape, split_len),
-         dict(MODE=mode, NOISE=noise, PARTITION=with_logprobs, BLOCK=STATS_BLOCK))
+         dict(MODE=mode, NOISE=noise, PARTITION=with_logprobs, BLOCK=BLOCK))
+    # Rows with tokens masked in uncond alone: the guidance statistics (for δ), and that group's
+    # noisy winner and partition sum.
+    if mode != RAW:
+        _run(_guidance_stats_kernel, grid, key and ("sample-guidance",) + key,
+             (cond, uncond, stats, 0.0, gamma, *shape, split_len),
+             dict(MODE=mode, GAMMA_PER_ROW=True, BLOCK=BLOCK, STRIDE=SAMPLE_STATS,
+                  WHEN_FINITE=MASKED_KEY))
+    if noise or with_logprobs:
+        _run(_sample_masked_kernel, grid, key and ("sample-masked",) + key,
+             (cond, uncond, stats, keys, temp, *shape, split_len),
+             dict(NOISE=noise, PARTITION=with_logprobs, BLOCK=BLOCK))
     _run(_sample_finish_kernel, (batch,), key and ("sample-finish",) + key,
          (cond, uncond, tokens, logprobs, stats, state, keys, *rows, min_p, istate, *shape, n_splits),
          dict(MODE=mode, MIN_P=min_p is not None, NOISE=noise, LOGPROBS=with_logprobs,
@@ -489,18 +660,21 @@ def launch(cond, uncond, keys, tokens, logprobs, stats, draw, state, istate, par
     if filters:
         for _ in range(SEARCH_PASSES):
             _run(_sample_search_kernel, grid, key and ("sample-search",) + key,
-                 (cond, uncond, stats, part, state, istate, *rows, *shape, split_len, n_splits),
-                 dict(MODE=mode, MAX_SPLITS=MAX_SPLITS, PIVOTS=PIVOTS, BLOCK=SEARCH_BLOCK))
+                 (cond, uncond, part, state, istate, *rows, *shape, split_len, n_splits),
+                 dict(MODE=mode, PIVOTS=PIVOTS, BLOCK=BLOCK, GROUP=16 // cond.element_size()))
             _run(_sample_step_kernel, (batch,), key and ("sample-step",) + key,
                  (part, state, istate, top_k, top_p, n_splits),
                  dict(LOGPROBS=with_logprobs, MAX_SPLITS=MAX_SPLITS, PIVOTS=PIVOTS))
     if (min_p is not None or filters) and noise:
         _run(_sample_draw_kernel, grid, key and ("sample-draw",) + key,
-             (cond, uncond, stats, draw, state, keys, *rows, *shape, split_len, n_splits),
-             dict(MODE=mode, MAX_SPLITS=MAX_SPLITS, BLOCK=BLOCK))
+             (cond, uncond, draw, state, keys, *rows, *shape, split_len, n_splits),
+             dict(MODE=mode, BLOCK=BLOCK))
         _run(_sample_draw_finish_kernel, (batch,), key and ("sample-draw-finish",) + key,
-             (cond, uncond, tokens, logprobs, stats, draw, state, *rows, *shape, n_splits),
+             (cond, uncond, tokens, logprobs, draw, state, *rows, *shape, n_splits),
              dict(MODE=mode, LOGPROBS=with_logprobs, MAX_SPLITS=MAX_SPLITS))
+
+
+_BYTES = {"*fp32": 4, "*fp16": 2, "*bf16": 2}
 
 
 def specializations():
@@ -517,7 +691,7 @@ def specializations():
                            {**logits, "stats_ptr": "*fp32", "keys_ptr": "*i64", **rows, **shape,
                             "split_len": "i32", "MODE": "constexpr", "NOISE": "constexpr",
                             "PARTITION": "constexpr", "BLOCK": "constexpr"},
-                           dict(MODE=mode, NOISE=noise, PARTITION=partition, BLOCK=STATS_BLOCK),
+                           dict(MODE=mode, NOISE=noise, PARTITION=partition, BLOCK=BLOCK),
                            NUM_WARPS)
                     for with_min_p in (False, True):
                         for filters in ((False, True) if noise else (False,)):
@@ -538,26 +712,39 @@ def specializations():
                                     "MAX_SPLITS": "constexpr"},
                                    flags, NUM_WARPS)
             yield (_sample_search_kernel,
-                   {**logits, "stats_ptr": "*fp32", "part_ptr": "*fp32", "state_ptr": "*fp32",
-                    "istate_ptr": "*i64", **rows, **shape, "split_len": "i32", "n_splits": "i32",
-                    "MODE": "constexpr", "MAX_SPLITS": "constexpr", "PIVOTS": "constexpr",
-                    "BLOCK": "constexpr"},
-                   dict(MODE=mode, MAX_SPLITS=MAX_SPLITS, PIVOTS=PIVOTS, BLOCK=SEARCH_BLOCK), NUM_WARPS)
+                   {**logits, "part_ptr": "*fp32", "state_ptr": "*fp32", "istate_ptr": "*i64", **rows,
+                    **shape, "split_len": "i32", "n_splits": "i32", "MODE": "constexpr",
+                    "PIVOTS": "constexpr", "BLOCK": "constexpr", "GROUP": "constexpr"},
+                   dict(MODE=mode, PIVOTS=PIVOTS, BLOCK=BLOCK, GROUP=16 // _BYTES[in_t]), NUM_WARPS)
             yield (_sample_draw_kernel,
-                   {**logits, "stats_ptr": "*fp32", "draw_ptr": "*fp32", "state_ptr": "*fp32",
-                    "keys_ptr": "*i64", **rows, **shape, "split_len": "i32", "n_splits": "i32",
-                    "MODE": "constexpr", "MAX_SPLITS": "constexpr", "BLOCK": "constexpr"},
-                   dict(MODE=mode, MAX_SPLITS=MAX_SPLITS, BLOCK=BLOCK), NUM_WARPS)
+                   {**logits, "draw_ptr": "*fp32", "state_ptr": "*fp32", "keys_ptr": "*i64", **rows,
+                    **shape, "split_len": "i32", "n_splits": "i32", "MODE": "constexpr",
+                    "BLOCK": "constexpr"},
+                   dict(MODE=mode, BLOCK=BLOCK), NUM_WARPS)
+            if mode != RAW:
+                yield (_guidance_stats_kernel,
+                       {**logits, "stats_ptr": "*fp32", "gamma": "fp32", "gamma_ptr": "*fp32",
+                        **shape, "split_len": "i32", "MODE": "constexpr",
+                        "GAMMA_PER_ROW": "constexpr", "BLOCK": "constexpr", "STRIDE": "constexpr",
+                        "WHEN_FINITE": "constexpr"},
+                       dict(MODE=mode, GAMMA_PER_ROW=True, BLOCK=BLOCK, STRIDE=SAMPLE_STATS,
+                            WHEN_FINITE=MASKED_KEY), NUM_WARPS)
             for with_logprobs in (False, True):
                 flags = dict(MODE=mode, LOGPROBS=with_logprobs, MAX_SPLITS=MAX_SPLITS)
                 if not with_logprobs:
                     flags["logprobs_ptr"] = None
                 yield (_sample_draw_finish_kernel,
                        {**logits, "tokens_ptr": "*i64",
-                        "logprobs_ptr": "*fp32" if with_logprobs else "constexpr", "stats_ptr": "*fp32",
+                        "logprobs_ptr": "*fp32" if with_logprobs else "constexpr",
                         "draw_ptr": "*fp32", "state_ptr": "*fp32", **rows, **shape, "n_splits": "i32",
                         "MODE": "constexpr", "LOGPROBS": "constexpr", "MAX_SPLITS": "constexpr"},
                        flags, NUM_WARPS)
+        for noise, partition in ((False, True), (True, False), (True, True)):
+            yield (_sample_masked_kernel,
+                   {**logits, "stats_ptr": "*fp32", "keys_ptr": "*i64", "temp_ptr": "*fp32", **shape,
+                    "split_len": "i32", "NOISE": "constexpr", "PARTITION": "constexpr",
+                    "BLOCK": "constexpr"},
+                   dict(NOISE=noise, PARTITION=partition, BLOCK=BLOCK), NUM_WARPS)
     for with_logprobs in (False, True):
         yield (_sample_step_kernel,
                {"part_ptr": "*fp32", "state_ptr": "*fp32", "istate_ptr": "*i64", "top_k_ptr": "*i64",

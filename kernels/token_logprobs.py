@@ -21,27 +21,46 @@ import triton.language as tl
 
 from cfg_triton.modes import INTERPOLATED, NORMALIZED, RAW
 
-from .guidance import (BLOCK, MAX_SPLITS, NUM_WARPS, _empty_stats, _fold_tile, _guided, _load_tile,
-                       _row_constants, _row_start, _run, _store_stats)
+_RAW = tl.constexpr(RAW)
+from .guidance import (BLOCK, MAX_SPLITS, NUM_WARPS, _fold_lanes, _guided, _lanes_empty, _load_full,
+                       _load_tile, _references, _row_constants, _row_start, _run, _store_lanes,
+                       _whole_tiles_end)
 
 _INTERPOLATED = tl.constexpr(INTERPOLATED)
 TOKEN_STATS = 12
 _TOKEN_STATS = tl.constexpr(TOKEN_STATS)
 _NO_INDEX = tl.constexpr(2**31 - 1)
-# The statistics pass holds the guidance sums and the argmax bookkeeping: at the guidance block the
-# interpolated variant needs up to 147 registers a thread (and 16 warps spill on sm_80); half the
-# block keeps every variant within 80. Split lengths stay whole numbers of either tile.
-STATS_BLOCK = BLOCK // 2
 
 
 @triton.jit
-def _fold_best(key, idx, best, best_idx):
-    """Folds a tile's largest key into (best, best_idx). Tiles come in index order and only a
-    strictly larger key wins, so ties keep the lowest index."""
-    top = tl.max(key, axis=0)
-    top_idx = tl.min(tl.where(key == top, idx, _NO_INDEX), axis=0)
-    better = top > best
-    return tl.where(better, top, best), tl.where(better, top_idx, best_idx)
+def _lanes_best(key, offset, best, best_at):
+    """Folds a tile's keys into per-lane (best key, tile offset it came at). A lane sees its tokens
+    in index order and only a strictly larger key wins, so its ties keep the lowest index; NaN
+    never wins."""
+    better = key > best
+    return tl.where(better, key, best), tl.where(better, offset, best_at)
+
+
+@triton.jit
+def _best_of_lanes(best, best_at, BLOCK: tl.constexpr):
+    """(key, index) of the best lane, ties to the lowest index; _NO_INDEX when no key beat -inf."""
+    top = tl.max(best, axis=0)
+    index = tl.min(tl.where(best == top, best_at + tl.arange(0, BLOCK), _NO_INDEX), axis=0)
+    return top, tl.where(top == float("-inf"), _NO_INDEX, index)
+
+
+@triton.jit
+def _lanes_poison(worst, c, u):
+    """Per-lane running max of both branches that keeps NaN: NaN or +inf at the end marks the
+    split as holding NaN or +inf inputs (`_is_poisoned`)."""
+    both = tl.maximum(c, u, propagate_nan=tl.PropagateNan.ALL)
+    return tl.maximum(worst, both, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _is_poisoned(worst):
+    top = tl.max(tl.where(worst != worst, float("inf"), worst), axis=0)
+    return top == float("inf")
 
 
 @triton.jit
@@ -51,14 +70,6 @@ def _kappa(gamma, mix, MODE: tl.constexpr):
     if MODE == _INTERPOLATED:
         kappa = mix * kappa
     return kappa
-
-
-@triton.jit
-def _poisoned(c, u):
-    """How many of a tile's tokens hold NaN or +inf in either branch (counted per tile, not per
-    lane: a lane-wise counter would hold BLOCK / threads registers)."""
-    return tl.sum(((c != c) | (u != u) | (c == float("inf")) | (u == float("inf"))).to(tl.int32),
-                  axis=0)
 
 
 @triton.jit
@@ -79,9 +90,9 @@ def _split_sum(stats_row, slot: tl.constexpr, n_splits, STRIDE: tl.constexpr, MA
 def _group_keys(c, u, kappa):
     """Ranking keys of a tile: (live tokens' `c + κ (u − c)`, masked-in-uncond tokens' `c`), -inf
     outside each group."""
-    c_live = c != float("-inf")
-    live = tl.where(c_live & (u != float("-inf")), c + kappa * (u - c), float("-inf"))
-    return live, tl.where(c_live & (u == float("-inf")), c, float("-inf"))
+    u_dead = u == float("-inf")
+    live = tl.where((c != float("-inf")) & ~u_dead, c + kappa * (u - c), float("-inf"))
+    return live, tl.where(u_dead, c, float("-inf"))
 
 
 @triton.jit
@@ -112,6 +123,20 @@ def _pick(live_idx, live_score, masked_idx, masked_score):
 
 
 @triton.jit
+def _token_fold(c, u, offset, kappa_h, kappa, c_at, u_at, c_max, c_sum, u_max, u_sum, h_max, h_sum,
+                m_sum, live_best, live_at, masked_best, masked_at, worst, MODE: tl.constexpr):
+    c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum = _fold_lanes(
+        c, u, kappa_h, c_at, u_at, c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum, MODE)
+    live_key, masked_key = _group_keys(c, u, kappa)
+    live_best, live_at = _lanes_best(live_key, offset, live_best, live_at)
+    masked_best, masked_at = _lanes_best(masked_key, offset, masked_best, masked_at)
+    if MODE == _RAW:  # other modes' sums turn NaN on NaN or +inf input
+        worst = _lanes_poison(worst, c, u)
+    return (c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum, live_best, live_at, masked_best,
+            masked_at, worst)
+
+
+@triton.jit
 def _token_stats_kernel(
     c_ptr, u_ptr, stats_ptr, gamma, gamma_ptr, mix, mix_ptr, V, stride_c, stride_u, split_len,
     MODE: tl.constexpr, GAMMA_PER_ROW: tl.constexpr, MIX_PER_ROW: tl.constexpr,
@@ -124,26 +149,36 @@ def _token_stats_kernel(
         mix = tl.load(mix_ptr + row)
     kappa = _kappa(gamma, mix, MODE)
     lanes = tl.arange(0, BLOCK)
-    c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum = _empty_stats(BLOCK)
-    live_best = float("-inf")
-    live_idx = _NO_INDEX
-    masked_best = float("-inf")
-    masked_idx = _NO_INDEX
-    bad = 0
     start = split * split_len
     end = tl.minimum(start + split_len, V)
-    for offset in range(start, end, BLOCK):
-        idx = offset + lanes
-        c, u, inside = _load_tile(c_row, u_row, idx, end)
-        c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum = _fold_tile(
-            c, u, gamma, c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum, MODE)
-        live_key, masked_key = _group_keys(c, u, kappa)
-        live_best, live_idx = _fold_best(live_key, idx, live_best, live_idx)
-        masked_best, masked_idx = _fold_best(masked_key, idx, masked_best, masked_idx)
-        bad += _poisoned(c, u)
+    c_at, u_at = _references(c_row, u_row, start, end, BLOCK)
+    c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum = _lanes_empty(BLOCK)
+    live_best = tl.full([BLOCK], float("-inf"), tl.float32)
+    masked_best = live_best
+    live_at = tl.zeros([BLOCK], dtype=tl.int32)
+    masked_at = live_at
+    worst = live_best
+    whole = _whole_tiles_end(start, end, BLOCK)
+    for offset in range(start, whole, BLOCK):
+        c, u = _load_full(c_row, u_row, offset + lanes)
+        (c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum, live_best, live_at, masked_best, masked_at,
+         worst) = _token_fold(c, u, offset, 1.0 - gamma, kappa, c_at, u_at, c_max, c_sum, u_max, u_sum,
+                              h_max, h_sum, m_sum, live_best, live_at, masked_best, masked_at, worst,
+                              MODE)
+    if whole < end:
+        c, u, _ = _load_tile(c_row, u_row, whole + lanes, end)
+        (c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum, live_best, live_at, masked_best, masked_at,
+         worst) = _token_fold(c, u, whole, 1.0 - gamma, kappa, c_at, u_at, c_max, c_sum, u_max, u_sum,
+                              h_max, h_sum, m_sum, live_best, live_at, masked_best, masked_at, worst,
+                              MODE)
     out = stats_ptr + (row * tl.num_programs(1) + split) * _TOKEN_STATS
-    _store_stats(out, c_max, u_max, h_max, c_sum, u_sum, h_sum, m_sum)
+    bad = _store_lanes(out, c_row, u_row, start, end, 1.0 - gamma, c_at, u_at, c_max, c_sum, u_max,
+                       u_sum, h_max, h_sum, m_sum, MODE, BLOCK)
+    if MODE == _RAW:
+        bad = _is_poisoned(worst)
     tl.store(out + 7, bad.to(tl.float32))
+    live_best, live_idx = _best_of_lanes(live_best, live_at, BLOCK)
+    masked_best, masked_idx = _best_of_lanes(masked_best, masked_at, BLOCK)
     _store_best(out + 8, live_best, live_idx)
     _store_best(out + 10, masked_best, masked_idx)
 
@@ -218,7 +253,7 @@ def launch(cond, uncond, targets, logprobs, greedy, stats, mode, gamma, gamma_ro
     _run(_token_stats_kernel, (batch, n_splits), key and ("token-stats",) + key,
          (cond, uncond, stats, gamma, gamma_rows, mix, mix_rows, vocab, cond.stride(0),
           uncond.stride(0), split_len),
-         dict(MODE=mode, GAMMA_PER_ROW=gamma_per_row, MIX_PER_ROW=mix_per_row, BLOCK=STATS_BLOCK))
+         dict(MODE=mode, GAMMA_PER_ROW=gamma_per_row, MIX_PER_ROW=mix_per_row, BLOCK=BLOCK))
     _run(_token_finish_kernel, (batch,), key and ("token-finish",) + key,
          (cond, uncond, targets, logprobs, greedy, stats, gamma, gamma_rows, mix, mix_rows, vocab,
           cond.stride(0), uncond.stride(0), n_splits),
@@ -244,7 +279,7 @@ def specializations():
                            **rows, "V": "i32", "stride_c": "i32", "stride_u": "i32",
                            "split_len": "i32", "MODE": "constexpr", "GAMMA_PER_ROW": "constexpr",
                            "MIX_PER_ROW": "constexpr", "BLOCK": "constexpr"}
-                    yield _token_stats_kernel, sig, {**flags, "BLOCK": STATS_BLOCK}, NUM_WARPS
+                    yield _token_stats_kernel, sig, {**flags, "BLOCK": BLOCK}, NUM_WARPS
                     sig = {"c_ptr": in_t, "u_ptr": in_t, "targets_ptr": "*i64",
                            "logprobs_ptr": "*fp32", "greedy_ptr": "*i8", "stats_ptr": "*fp32",
                            "gamma": "fp32", **rows, "V": "i32", "stride_c": "i32",

@@ -304,6 +304,34 @@ def test_split_boundaries_count_each_token_once(monkeypatch, semantics):
     assert_matches(cfg_triton.guidance(cond, uncond, 2.0, **kw), expected(cond, uncond, 2.0, **kw))
 
 
+@pytest.mark.parametrize("first_tiles", [-20.0, -100.0, -3e38])
+@pytest.mark.parametrize("semantics", ["normalized", "interpolated"])
+def test_splits_whose_first_tile_lies_far_below_their_peak(monkeypatch, semantics, first_tiles):
+    """The statistics take h' against each split's first-tile maxima: a split whose peak lies a
+    little above them (20) keeps that reference, one far above (100, or a first tile filled with
+    -3e38 as some maskers write) recomputes h' against its own maxima. Either way the live tokens
+    keep float32 accuracy at their own scale."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(ops, "_num_sms", lambda device: 1)
+    block = ops._kernels.BLOCK
+    n_splits, split_len = ops._kernels.plan(1, 8 * block, 1)
+    assert split_len == 2 * block
+    cond, uncond = logits(1, 8 * block), logits(1, 8 * block)
+    for start in range(0, 8 * block, split_len):
+        first = slice(start, start + block)
+        if first_tiles < -1e30:
+            cond[:, first], uncond[:, first] = first_tiles, first_tiles
+        else:
+            cond[:, first] += first_tiles
+            uncond[:, first] += first_tiles
+    kw = SEMANTICS[semantics]
+    out, ref = cfg_triton.guidance(cond, uncond, 1.5, **kw), expected(cond, uncond, 1.5, **kw)
+    assert_matches(out, ref)
+    peaks = torch.cat([torch.arange(start + block, start + split_len)
+                       for start in range(0, 8 * block, split_len)])
+    assert_matches(out[:, peaks], ref[:, peaks])
+
+
 def test_direct_launch_passes_every_parameter_in_kernel_order(monkeypatch):
     """The cached direct launch calls a compiled kernel with all parameters positionally, as
     Triton's JIT does: the launcher's argument tuples must follow each kernel's signature, and the

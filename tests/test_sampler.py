@@ -355,7 +355,7 @@ def test_sampling_equals_a_literal_loop_at_the_same_seed(smollm2):
             scores[:, model.generation_config.eos_token_id] = float("-inf")
             for warp in warpers:
                 scores = warp(cond_seq, scores)
-            noise = rng.gumbel(rng.row_keys(torch.tensor([5]), torch.tensor([step])), scores.shape[1])
+            noise = rng.gumbel(rng.row_keys(torch.tensor([5]), torch.tensor([step])), scores.shape[1]) * rng.LN2
             token = (scores + noise.double()).argmax(-1, keepdim=True)
             cond_seq, uncond_seq = torch.cat([cond_seq, token], 1), torch.cat([uncond_seq, token], 1)
     ours = cfg_triton.generate(model, ids, negative_input_ids=neg, guidance_scale=1.5, do_sample=True,

@@ -281,8 +281,9 @@ def test_rng_hash_is_uint32_murmur():
     # Two known values of the MurmurHash3 finalizer pin the torch hash (the kernels match it, above).
     h = rng.mix32(torch.tensor([0, 1, 0xFFFFFFFF]))
     assert h.tolist() == [0, 0x514E28B7, 0x81F16F39]
-    u = rng.gumbel(rng.row_keys(torch.tensor([0]), torch.tensor([0])), 100_000)
-    assert abs(u.mean().item() - 0.5772) < 0.01 and abs(u.var().item() - 1.6449) < 0.03
+    # ln2·g is a standard Gumbel shifted by ln(ln 2): mean γ_Euler + ln(ln 2), variance π²/6.
+    g = rng.gumbel(rng.row_keys(torch.tensor([0]), torch.tensor([0])), 100_000) * rng.LN2
+    assert abs(g.mean().item() - 0.2107) < 0.01 and abs(g.var().item() - 1.6449) < 0.03
 
 
 def test_dead_and_poisoned_rows(backend):
@@ -352,10 +353,11 @@ def _key(seed, row, step):
 
 
 def _noise(key, token):
+    """Base-2 Gumbel noise of a token: one finalizer over `token * (key | 1) + fmix32(key)`."""
     import math
 
-    u = ((_fmix32(key ^ _fmix32((token + 0x9E3779B9) & 0xFFFFFFFF)) >> 8) + 0.5) * 2.0 ** -24
-    return -math.log(-math.log(u))
+    u = ((_fmix32((token * (key | 1) + _fmix32(key)) & 0xFFFFFFFF) >> 9) + 0.5) * 2.0 ** -23
+    return -math.log2(-math.log2(u))
 
 
 SEEDS = [0, 1, -1, 2**32, 2**32 + 1, 2**63 - 1, -(2**63), 123_456_789_012]
@@ -375,6 +377,7 @@ def test_rng_golden_values():
     for r in range(3):
         for token in (0, 1, 49_999, 31_337):
             assert noise[r, token].item() == pytest.approx(_noise(int(keys[r]), token), rel=1e-6, abs=1e-6)
+    assert [round(_noise(0x37DD7702, t), 6) for t in (0, 1, 49_999)] == [2.851007, 1.039974, 0.050732]
     at = torch.tensor([[31_337, 0], [1, 49_999], [7, 7]])
     assert torch.equal(rng.gumbel_at(keys, at, 50_000), noise.gather(1, at))
 
@@ -404,14 +407,14 @@ if cfg_triton.triton_available():
     def _noise_kernel(keys_ptr, out_ptr, V, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        key = tl.load(keys_ptr + row).to(tl.uint32)
-        tl.store(out_ptr + row * V + idx, sampling_kernels._gumbel(key, idx), mask=idx < V)
+        multiplier, offset = sampling_kernels._hash_constants(keys_ptr, row)
+        tl.store(out_ptr + row * V + idx, sampling_kernels._noise(multiplier, offset, idx), mask=idx < V)
 
 
 @pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()), reason="needs Triton")
 def test_kernel_noise_equals_the_torch_noise():
-    """The kernels' `_gumbel` (interpreted, or compiled on a GPU) against `rng.gumbel` value for
-    value."""
+    """The kernels' `_noise` (interpreted, or compiled on a GPU, where log2 is the hardware's
+    approximation) against `rng.gumbel` value for value."""
     device = "cpu" if INTERPRETED else "cuda"
     keys = rng.row_keys(torch.tensor(SEEDS[:4]), torch.tensor(STEPS[2:6])).to(device)
     vocab = 5_000
