@@ -33,9 +33,6 @@ MAX_SPLITS = 128
 _MAX_SPLITS = tl.constexpr(MAX_SPLITS)
 BLOCK = 2048
 NUM_WARPS = 8
-# The write pass tiles fp64 output at half the block: at the full block one fp64 specialization
-# spills a register on sm_90. Split lengths stay whole numbers of either tile.
-WRITE_BLOCK = {8: BLOCK // 2}
 _FLOOR = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX
 _LOG2E = tl.constexpr(1.4426950408889634)
 # How far (in logits) a split's maximum may lie from h's reference before h is recomputed against
@@ -109,6 +106,29 @@ def _whole_tiles_end(start, end, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _columns(x, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    """A tile as GROUP tensors of `[BLOCK // GROUP]`, column e holding entry `GROUP * lane + e`.
+    A lane's GROUP entries are the ones its 128-bit load brought, so this moves no data: the
+    streaming loops fold a tile into one running statistic per lane, entry after entry, in
+    registers (no shuffle, no barrier, and a few registers per statistic)."""
+    if GROUP == 8:
+        y0, y1 = tl.split(tl.reshape(x, [BLOCK // 8, 2, 2, 2]))
+        y00, y01 = tl.split(y0)
+        y10, y11 = tl.split(y1)
+        e0, e4 = tl.split(y00)
+        e2, e6 = tl.split(y01)
+        e1, e5 = tl.split(y10)
+        e3, e7 = tl.split(y11)
+        return e0, e1, e2, e3, e4, e5, e6, e7
+    else:
+        tl.static_assert(GROUP == 4)
+        y0, y1 = tl.split(tl.reshape(x, [BLOCK // 4, 2, 2]))
+        e0, e2 = tl.split(y0)
+        e1, e3 = tl.split(y1)
+        return e0, e1, e2, e3
+
+
+@triton.jit
 def _lanes_lse(m, s, x):
     """Folds `x` into per-lane log-sum-exp pairs (running max `m`, `s` = Σ exp(entry - m)) at one
     exponential per entry: exp(-|x - m|) rescales the old sum when x is the new maximum and is x's
@@ -138,10 +158,10 @@ def _settled(top, total):
 
 
 @triton.jit
-def _lanes_empty(BLOCK: tl.constexpr):
+def _lanes_empty(LANES: tl.constexpr):
     """Per-lane statistics before any entry: (c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum)."""
-    floor = tl.full([BLOCK], _FLOOR, tl.float32)
-    zeros = tl.zeros([BLOCK], dtype=tl.float32)
+    floor = tl.full([LANES], _FLOOR, tl.float32)
+    zeros = tl.zeros([LANES], dtype=tl.float32)
     return floor, zeros, floor, zeros, floor, zeros, zeros
 
 
@@ -155,10 +175,10 @@ def _h(c, u, kappa, c_at, u_at):
 
 
 @triton.jit
-def _fold_lanes(c, u, kappa, c_at, u_at, c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum,
+def _fold_entry(c, u, kappa, c_at, u_at, c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum,
                 MODE: tl.constexpr):
-    """Folds one tile of both branches (fp32, -inf past the end) into the per-lane statistics; h'
-    is taken against the fixed references (c_at, u_at), κ = 1 - γ."""
+    """Folds one entry per lane of both branches (fp32, -inf past the end) into the per-lane
+    statistics; h' is taken against the fixed references (c_at, u_at), κ = 1 - γ."""
     if MODE != _RAW:
         c_max, c_sum, c_scale, c_term = _lanes_lse(c_max, c_sum, c)
         u_max, u_sum, _, _ = _lanes_lse(u_max, u_sum, u)
@@ -166,6 +186,20 @@ def _fold_lanes(c, u, kappa, c_at, u_at, c_max, c_sum, u_max, u_sum, h_max, h_su
             h_max, h_sum, _, _ = _lanes_lse(h_max, h_sum, _h(c, u, kappa, c_at, u_at))
             # Masked-in-uncond tokens share cond's maximum and exponential: no fourth exp.
             m_sum = m_sum * c_scale + tl.where(u == float("-inf"), c_term, 0.0)
+    return c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum
+
+
+@triton.jit
+def _fold_lanes(c, u, kappa, c_at, u_at, c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum,
+                MODE: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    """Folds a tile (`[BLOCK]` of each branch) into the per-lane statistics, entry by entry."""
+    if MODE != _RAW:
+        cs = _columns(c, BLOCK, GROUP)
+        us = _columns(u, BLOCK, GROUP)
+        for e in tl.static_range(GROUP):
+            c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum = _fold_entry(
+                cs[e], us[e], kappa, c_at, u_at, c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum,
+                MODE)
     return c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum
 
 
@@ -179,24 +213,33 @@ def _references(c_row, u_row, start, end, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _h_lanes(c_row, u_row, start, end, kappa, c_at, u_at, BLOCK: tl.constexpr):
+def _fold_h(c, u, kappa, c_at, u_at, h_max, h_sum, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    cs = _columns(c, BLOCK, GROUP)
+    us = _columns(u, BLOCK, GROUP)
+    for e in tl.static_range(GROUP):
+        h_max, h_sum, _, _ = _lanes_lse(h_max, h_sum, _h(cs[e], us[e], kappa, c_at, u_at))
+    return h_max, h_sum
+
+
+@triton.jit
+def _h_lanes(c_row, u_row, start, end, kappa, c_at, u_at, BLOCK: tl.constexpr, GROUP: tl.constexpr):
     """h's per-lane statistics over a split against references (c_at, u_at)."""
     lanes = tl.arange(0, BLOCK)
-    h_max = tl.full([BLOCK], _FLOOR, tl.float32)
-    h_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    h_max = tl.full([BLOCK // GROUP], _FLOOR, tl.float32)
+    h_sum = tl.zeros([BLOCK // GROUP], dtype=tl.float32)
     whole = _whole_tiles_end(start, end, BLOCK)
     for offset in range(start, whole, BLOCK):
         c, u = _load_full(c_row, u_row, offset + lanes)
-        h_max, h_sum, _, _ = _lanes_lse(h_max, h_sum, _h(c, u, kappa, c_at, u_at))
+        h_max, h_sum = _fold_h(c, u, kappa, c_at, u_at, h_max, h_sum, BLOCK, GROUP)
     if whole < end:
         c, u, _ = _load_tile(c_row, u_row, whole + lanes, end)
-        h_max, h_sum, _, _ = _lanes_lse(h_max, h_sum, _h(c, u, kappa, c_at, u_at))
+        h_max, h_sum = _fold_h(c, u, kappa, c_at, u_at, h_max, h_sum, BLOCK, GROUP)
     return h_max, h_sum
 
 
 @triton.jit
 def _store_lanes(out, c_row, u_row, start, end, kappa, c_at, u_at, c_max, c_sum, u_max, u_sum,
-                 h_max, h_sum, m_sum, MODE: tl.constexpr, BLOCK: tl.constexpr):
+                 h_max, h_sum, m_sum, MODE: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr):
     """Reduces a split's per-lane statistics and stores them (slots 0-6 of the `STATS` layout), h'
     moved onto the split's maxima. Returns whether cond's or uncond's sum is NaN: the split holds
     NaN or +inf (raw mode keeps no sums: False)."""
@@ -218,7 +261,7 @@ def _store_lanes(out, c_row, u_row, start, end, kappa, c_at, u_at, c_max, c_sum,
                 # The first tile was no guide to the split's maxima: h' held large values and lost
                 # digits. Rare (a row's first tile far below its peak); one more read fixes it.
                 h_max, h_sum = _h_lanes(c_row, u_row, start, end, kappa, _finite_or_zero(c_top),
-                                        _finite_or_zero(u_top), BLOCK)
+                                        _finite_or_zero(u_top), BLOCK, GROUP)
                 c_move = 0.0
                 u_move = 0.0
             h_top, h_total = _lanes_total(h_max, h_sum)
@@ -233,7 +276,7 @@ def _store_lanes(out, c_row, u_row, start, end, kappa, c_at, u_at, c_max, c_sum,
 @triton.jit
 def _guidance_stats_kernel(
     c_ptr, u_ptr, stats_ptr, gamma, gamma_ptr, V, stride_c, stride_u, split_len,
-    MODE: tl.constexpr, GAMMA_PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
+    MODE: tl.constexpr, GAMMA_PER_ROW: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr,
     STRIDE: tl.constexpr, WHEN_FINITE: tl.constexpr,
 ):
     """Statistics of each (row, split), STRIDE floats apart. With WHEN_FINITE >= 0, only rows that
@@ -255,18 +298,20 @@ def _guidance_stats_kernel(
     start = split * split_len
     end = tl.minimum(start + split_len, V)
     c_at, u_at = _references(c_row, u_row, start, end, BLOCK)
-    c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum = _lanes_empty(BLOCK)
+    c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum = _lanes_empty(BLOCK // GROUP)
     whole = _whole_tiles_end(start, end, BLOCK)
     for offset in range(start, whole, BLOCK):
         c, u = _load_full(c_row, u_row, offset + lanes)
         c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum = _fold_lanes(
-            c, u, kappa, c_at, u_at, c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum, MODE)
+            c, u, kappa, c_at, u_at, c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum, MODE, BLOCK,
+            GROUP)
     if whole < end:
         c, u, _ = _load_tile(c_row, u_row, whole + lanes, end)
         c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum = _fold_lanes(
-            c, u, kappa, c_at, u_at, c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum, MODE)
+            c, u, kappa, c_at, u_at, c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum, MODE, BLOCK,
+            GROUP)
     _store_lanes(stats_ptr + (row * n_splits + split) * STRIDE, c_row, u_row, start, end, kappa, c_at,
-                 u_at, c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum, MODE, BLOCK)
+                 u_at, c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum, MODE, BLOCK, GROUP)
 
 
 @triton.jit
@@ -361,6 +406,14 @@ def _guidance_write_kernel(
         tl.store(out_row + idx, val.to(out_ptr.dtype.element_ty), mask=inside)
 
 
+def group(element_size: int) -> int:
+    """Entries of one 128-bit load: what each lane of a streaming loop folds per tile."""
+    return 16 // element_size
+
+
+_BYTES = {"*fp32": 4, "*fp16": 2, "*bf16": 2}
+
+
 @functools.lru_cache(maxsize=1024)
 def plan(batch: int, vocab: int, num_sms: int) -> tuple[int, int]:
     """(number of vocabulary splits per row, elements per split) for a `[batch, vocab]` problem.
@@ -410,12 +463,13 @@ def launch(cond, uncond, out, stats, mode, gamma, gamma_rows, mix, mix_rows, n_s
     if mode != RAW:
         _run(_guidance_stats_kernel, grid, key and ("stats",) + key,
              (cond, uncond, stats, gamma, gamma_rows, vocab, cond.stride(0), uncond.stride(0), split_len),
-             dict(MODE=mode, GAMMA_PER_ROW=gamma_per_row, BLOCK=BLOCK, STRIDE=STATS, WHEN_FINITE=-1))
+             dict(MODE=mode, GAMMA_PER_ROW=gamma_per_row, BLOCK=BLOCK, GROUP=group(cond.element_size()),
+                  STRIDE=STATS, WHEN_FINITE=-1))
     _run(_guidance_write_kernel, grid, key and ("write",) + key,
          (cond, uncond, out, stats, gamma, gamma_rows, mix, mix_rows, vocab, cond.stride(0),
           uncond.stride(0), split_len, n_splits),
          dict(MODE=mode, GAMMA_PER_ROW=gamma_per_row, MIX_PER_ROW=mix_per_row, MAX_SPLITS=MAX_SPLITS,
-              BLOCK=WRITE_BLOCK.get(out.element_size(), BLOCK)))
+              BLOCK=BLOCK))
 
 
 def specializations():
@@ -432,9 +486,9 @@ def specializations():
                        "gamma_ptr": "*fp32" if gamma_rows else "constexpr", "V": "i32",
                        "stride_c": "i32", "stride_u": "i32", "split_len": "i32",
                        "MODE": "constexpr", "GAMMA_PER_ROW": "constexpr", "BLOCK": "constexpr",
-                       "STRIDE": "constexpr", "WHEN_FINITE": "constexpr"}
-                const = {"MODE": mode, "GAMMA_PER_ROW": gamma_rows, "BLOCK": BLOCK, "STRIDE": STATS,
-                         "WHEN_FINITE": -1}
+                       "GROUP": "constexpr", "STRIDE": "constexpr", "WHEN_FINITE": "constexpr"}
+                const = {"MODE": mode, "GAMMA_PER_ROW": gamma_rows, "BLOCK": BLOCK,
+                         "GROUP": group(_BYTES[in_t]), "STRIDE": STATS, "WHEN_FINITE": -1}
                 if not gamma_rows:
                     const["gamma_ptr"] = None
                 yield _guidance_stats_kernel, sig, const, NUM_WARPS
@@ -450,8 +504,7 @@ def specializations():
                                "MIX_PER_ROW": "constexpr", "MAX_SPLITS": "constexpr",
                                "BLOCK": "constexpr"}
                         const = {"MODE": mode, "GAMMA_PER_ROW": gamma_rows, "MIX_PER_ROW": mix_rows,
-                                 "MAX_SPLITS": MAX_SPLITS,
-                                 "BLOCK": WRITE_BLOCK.get(8 if out_t == "*fp64" else 4, BLOCK)}
+                                 "MAX_SPLITS": MAX_SPLITS, "BLOCK": BLOCK}
                         if not gamma_rows:
                             const["gamma_ptr"] = None
                         if not mix_rows:

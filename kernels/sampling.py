@@ -36,9 +36,9 @@ from triton.language.extra import libdevice
 
 from cfg_triton.modes import INTERPOLATED, NORMALIZED, RAW
 
-from .guidance import (_FLOOR, _LOG2E, _MAX_SPLITS, BLOCK, MAX_SPLITS, NUM_WARPS, STATS,
+from .guidance import (_BYTES, _FLOOR, _LOG2E, _MAX_SPLITS, BLOCK, MAX_SPLITS, NUM_WARPS, _columns,
                        _guidance_stats_kernel, _lanes_lse, _lanes_total, _load_full, _load_tile,
-                       _row_constants, _row_start, _run, _whole_tiles_end)
+                       _row_constants, _row_start, _run, _whole_tiles_end, group)
 from .token_logprobs import (_NO_INDEX, _best_of_lanes, _group_keys, _is_poisoned, _kappa,
                              _lanes_best, _lanes_poison, _pick, _split_best, _split_sum, _store_best)
 
@@ -126,16 +126,21 @@ def _sample_row(c_ptr, u_ptr, stride_c, stride_u, gamma_ptr, mix_ptr, temp_ptr):
 @triton.jit
 def _sample_fold(c, u, offset, lanes, kappa, t_ln2, inv_t, multiplier, hash_offset, live_best,
                  live_at, masked_best, masked_at, noisy_best, noisy_at, z_max, z_sum, worst,
-                 NOISE: tl.constexpr, PARTITION: tl.constexpr):
-    live_key, masked_key = _group_keys(c, u, kappa)
-    live_best, live_at = _lanes_best(live_key, offset, live_best, live_at)
-    masked_best, masked_at = _lanes_best(masked_key, offset, masked_best, masked_at)
-    if NOISE:
-        noisy = live_key + t_ln2 * _noise(multiplier, hash_offset, offset + lanes)
-        noisy_best, noisy_at = _lanes_best(noisy, offset, noisy_best, noisy_at)
-    if PARTITION:
-        z_max, z_sum, _, _ = _lanes_lse(z_max, z_sum, live_key * inv_t)
-    worst = _lanes_poison(worst, c, u)
+                 NOISE: tl.constexpr, PARTITION: tl.constexpr, BLOCK: tl.constexpr,
+                 GROUP: tl.constexpr):
+    cs = _columns(c, BLOCK, GROUP)
+    us = _columns(u, BLOCK, GROUP)
+    for e in tl.static_range(GROUP):
+        live_key, masked_key = _group_keys(cs[e], us[e], kappa)
+        live_best, live_at = _lanes_best(live_key, offset + e, live_best, live_at)
+        masked_best, masked_at = _lanes_best(masked_key, offset + e, masked_best, masked_at)
+        if NOISE:
+            noise = _noise(multiplier, hash_offset, lanes * GROUP + (offset + e))
+            noisy_best, noisy_at = _lanes_best(live_key + t_ln2 * noise, offset + e, noisy_best,
+                                               noisy_at)
+        if PARTITION:
+            z_max, z_sum, _, _ = _lanes_lse(z_max, z_sum, live_key * inv_t)
+        worst = _lanes_poison(worst, cs[e], us[e])
     return live_best, live_at, masked_best, masked_at, noisy_best, noisy_at, z_max, z_sum, worst
 
 
@@ -144,6 +149,7 @@ def _sample_stats_kernel(
     c_ptr, u_ptr, stats_ptr, keys_ptr, gamma_ptr, mix_ptr, temp_ptr, V, stride_c, stride_u,
     split_len,
     MODE: tl.constexpr, NOISE: tl.constexpr, PARTITION: tl.constexpr, BLOCK: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
     """The one read every draw makes, live group only (tokens masked in uncond alone are only
     found here: `_sample_masked_kernel` and the guidance statistics follow for their rows)."""
@@ -154,37 +160,37 @@ def _sample_stats_kernel(
     inv_t = _inverse_temperature(temp)
     t_ln2 = temp * _LN2
     multiplier, hash_offset = _hash_constants(keys_ptr, row)
-    lanes = tl.arange(0, BLOCK)
-    live_best = tl.full([BLOCK], float("-inf"), tl.float32)
-    live_at = tl.zeros([BLOCK], dtype=tl.int32)
+    lanes = tl.arange(0, BLOCK // GROUP)
+    live_best = tl.full([BLOCK // GROUP], float("-inf"), tl.float32)
+    live_at = tl.zeros([BLOCK // GROUP], dtype=tl.int32)
     masked_best, masked_at, noisy_best, noisy_at, worst = live_best, live_at, live_best, live_at, live_best
-    z_max = tl.full([BLOCK], _FLOOR, tl.float32)
-    z_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    z_max = tl.full([BLOCK // GROUP], _FLOOR, tl.float32)
+    z_sum = tl.zeros([BLOCK // GROUP], dtype=tl.float32)
     start = split * split_len
     end = tl.minimum(start + split_len, V)
     whole = _whole_tiles_end(start, end, BLOCK)
     for offset in range(start, whole, BLOCK):
-        c, u = _load_full(c_row, u_row, offset + lanes)
+        c, u = _load_full(c_row, u_row, offset + tl.arange(0, BLOCK))
         live_best, live_at, masked_best, masked_at, noisy_best, noisy_at, z_max, z_sum, worst = \
             _sample_fold(c, u, offset, lanes, kappa, t_ln2, inv_t, multiplier, hash_offset, live_best,
                          live_at, masked_best, masked_at, noisy_best, noisy_at, z_max, z_sum, worst,
-                         NOISE, PARTITION)
+                         NOISE, PARTITION, BLOCK, GROUP)
     if whole < end:
-        c, u, _ = _load_tile(c_row, u_row, whole + lanes, end)
+        c, u, _ = _load_tile(c_row, u_row, whole + tl.arange(0, BLOCK), end)
         live_best, live_at, masked_best, masked_at, noisy_best, noisy_at, z_max, z_sum, worst = \
             _sample_fold(c, u, whole, lanes, kappa, t_ln2, inv_t, multiplier, hash_offset, live_best,
                          live_at, masked_best, masked_at, noisy_best, noisy_at, z_max, z_sum, worst,
-                         NOISE, PARTITION)
+                         NOISE, PARTITION, BLOCK, GROUP)
     out = stats_ptr + (row * tl.num_programs(1) + split) * _SAMPLE_STATS
     tl.store(out + 7, _is_poisoned(worst).to(tl.float32))
     if NOISE:
-        best, index = _best_of_lanes(noisy_best, noisy_at, BLOCK)
+        best, index = _best_of_lanes(noisy_best, noisy_at, BLOCK // GROUP, GROUP)
         _store_best(out + 8, best, index)
     # The masked group's slots hold "empty" unless `_sample_masked_kernel` fills them.
     _store_best(out + 10, float("-inf"), tl.full([], _NO_INDEX, tl.int32))
-    best, index = _best_of_lanes(live_best, live_at, BLOCK)
+    best, index = _best_of_lanes(live_best, live_at, BLOCK // GROUP, GROUP)
     _store_best(out + 12, best, index)
-    best, index = _best_of_lanes(masked_best, masked_at, BLOCK)
+    best, index = _best_of_lanes(masked_best, masked_at, BLOCK // GROUP, GROUP)
     _store_best(out + 14, best, index)
     top, total = _lanes_total(z_max, z_sum)
     tl.store(out + 16, top)
@@ -194,9 +200,25 @@ def _sample_stats_kernel(
 
 
 @triton.jit
+def _masked_fold(c, u, offset, lanes, t_ln2, inv_t, multiplier, hash_offset, noisy_best, noisy_at,
+                 z_max, z_sum, NOISE: tl.constexpr, PARTITION: tl.constexpr, BLOCK: tl.constexpr,
+                 GROUP: tl.constexpr):
+    cs = _columns(c, BLOCK, GROUP)
+    us = _columns(u, BLOCK, GROUP)
+    for e in tl.static_range(GROUP):
+        key = tl.where(us[e] == float("-inf"), cs[e], float("-inf"))
+        if NOISE:
+            noise = _noise(multiplier, hash_offset, lanes * GROUP + (offset + e))
+            noisy_best, noisy_at = _lanes_best(key + t_ln2 * noise, offset + e, noisy_best, noisy_at)
+        if PARTITION:
+            z_max, z_sum, _, _ = _lanes_lse(z_max, z_sum, key * inv_t)
+    return noisy_best, noisy_at, z_max, z_sum
+
+
+@triton.jit
 def _sample_masked_kernel(
     c_ptr, u_ptr, stats_ptr, keys_ptr, temp_ptr, V, stride_c, stride_u, split_len,
-    NOISE: tl.constexpr, PARTITION: tl.constexpr, BLOCK: tl.constexpr,
+    NOISE: tl.constexpr, PARTITION: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr,
 ):
     """For rows with tokens masked in uncond alone (rare): that group's noisy winner and partition
     sum, which the statistics pass left empty."""
@@ -212,25 +234,27 @@ def _sample_masked_kernel(
     inv_t = _inverse_temperature(temp)
     t_ln2 = temp * _LN2
     multiplier, hash_offset = _hash_constants(keys_ptr, row)
-    lanes = tl.arange(0, BLOCK)
-    noisy_best = tl.full([BLOCK], float("-inf"), tl.float32)
-    noisy_at = tl.zeros([BLOCK], dtype=tl.int32)
-    z_max = tl.full([BLOCK], _FLOOR, tl.float32)
-    z_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    lanes = tl.arange(0, BLOCK // GROUP)
+    noisy_best = tl.full([BLOCK // GROUP], float("-inf"), tl.float32)
+    noisy_at = tl.zeros([BLOCK // GROUP], dtype=tl.int32)
+    z_max = tl.full([BLOCK // GROUP], _FLOOR, tl.float32)
+    z_sum = tl.zeros([BLOCK // GROUP], dtype=tl.float32)
     start = split * split_len
     end = tl.minimum(start + split_len, V)
-    for offset in range(start, end, BLOCK):
-        idx = offset + lanes
-        c, u, _ = _load_tile(c_row, u_row, idx, end)
-        key = tl.where(u == float("-inf"), c, float("-inf"))
-        if NOISE:
-            noisy_best, noisy_at = _lanes_best(key + t_ln2 * _noise(multiplier, hash_offset, idx),
-                                               offset, noisy_best, noisy_at)
-        if PARTITION:
-            z_max, z_sum, _, _ = _lanes_lse(z_max, z_sum, key * inv_t)
+    whole = _whole_tiles_end(start, end, BLOCK)
+    for offset in range(start, whole, BLOCK):
+        c, u = _load_full(c_row, u_row, offset + tl.arange(0, BLOCK))
+        noisy_best, noisy_at, z_max, z_sum = _masked_fold(
+            c, u, offset, lanes, t_ln2, inv_t, multiplier, hash_offset, noisy_best, noisy_at, z_max,
+            z_sum, NOISE, PARTITION, BLOCK, GROUP)
+    if whole < end:
+        c, u, _ = _load_tile(c_row, u_row, whole + tl.arange(0, BLOCK), end)
+        noisy_best, noisy_at, z_max, z_sum = _masked_fold(
+            c, u, whole, lanes, t_ln2, inv_t, multiplier, hash_offset, noisy_best, noisy_at, z_max,
+            z_sum, NOISE, PARTITION, BLOCK, GROUP)
     out = stats_row + split * _SAMPLE_STATS
     if NOISE:
-        best, index = _best_of_lanes(noisy_best, noisy_at, BLOCK)
+        best, index = _best_of_lanes(noisy_best, noisy_at, BLOCK // GROUP, GROUP)
         _store_best(out + 10, best, index)
     if PARTITION:
         top, total = _lanes_total(z_max, z_sum)
@@ -544,19 +568,24 @@ def _sample_step_kernel(
 
 @triton.jit
 def _draw_fold(c, u, offset, lanes, kappa, delta, threshold, s_max, t_ln2, inv_t, multiplier,
-               hash_offset, best, best_at, mass):
-    s = _sigma(c, u, kappa, delta)
-    kept = s >= threshold
-    noisy = tl.where(kept, s + t_ln2 * _noise(multiplier, hash_offset, offset + lanes), float("-inf"))
-    best, best_at = _lanes_best(noisy, offset, best, best_at)
-    return best, best_at, mass + tl.where(kept, tl.math.exp2((s - s_max) * inv_t), 0.0)
+               hash_offset, best, best_at, mass, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    cs = _columns(c, BLOCK, GROUP)
+    us = _columns(u, BLOCK, GROUP)
+    for e in tl.static_range(GROUP):
+        s = _sigma(cs[e], us[e], kappa, delta)
+        kept = s >= threshold
+        noise = _noise(multiplier, hash_offset, lanes * GROUP + (offset + e))
+        best, best_at = _lanes_best(tl.where(kept, s + t_ln2 * noise, float("-inf")), offset + e, best,
+                                    best_at)
+        mass += tl.where(kept, tl.math.exp2((s - s_max) * inv_t), 0.0)
+    return best, best_at, mass
 
 
 @triton.jit
 def _sample_draw_kernel(
     c_ptr, u_ptr, draw_ptr, state_ptr, keys_ptr, gamma_ptr, mix_ptr, temp_ptr,
     V, stride_c, stride_u, split_len, n_splits,
-    MODE: tl.constexpr, BLOCK: tl.constexpr,
+    MODE: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr,
 ):
     """Second read, for rows the finish marked pending: the noisy argmax of `σ + T·ln2·g` over kept
     tokens (`σ >= threshold`), and Σ exp((σ - σ_max) / T) over them, per split."""
@@ -575,23 +604,25 @@ def _sample_draw_kernel(
     kappa = _kappa(gamma, mix, MODE)
     t_ln2 = temp * _LN2
     multiplier, hash_offset = _hash_constants(keys_ptr, row)
-    lanes = tl.arange(0, BLOCK)
-    best = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_at = tl.zeros([BLOCK], dtype=tl.int32)
-    mass = tl.zeros([BLOCK], dtype=tl.float32)
+    lanes = tl.arange(0, BLOCK // GROUP)
+    best = tl.full([BLOCK // GROUP], float("-inf"), tl.float32)
+    best_at = tl.zeros([BLOCK // GROUP], dtype=tl.int32)
+    mass = tl.zeros([BLOCK // GROUP], dtype=tl.float32)
     start = split * split_len
     end = tl.minimum(start + split_len, V)
     whole = _whole_tiles_end(start, end, BLOCK)
     for offset in range(start, whole, BLOCK):
-        c, u = _load_full(c_row, u_row, offset + lanes)
+        c, u = _load_full(c_row, u_row, offset + tl.arange(0, BLOCK))
         best, best_at, mass = _draw_fold(c, u, offset, lanes, kappa, delta, threshold, s_max, t_ln2,
-                                         inv_t, multiplier, hash_offset, best, best_at, mass)
+                                         inv_t, multiplier, hash_offset, best, best_at, mass, BLOCK,
+                                         GROUP)
     if whole < end:
-        c, u, _ = _load_tile(c_row, u_row, whole + lanes, end)
+        c, u, _ = _load_tile(c_row, u_row, whole + tl.arange(0, BLOCK), end)
         best, best_at, mass = _draw_fold(c, u, whole, lanes, kappa, delta, threshold, s_max, t_ln2,
-                                         inv_t, multiplier, hash_offset, best, best_at, mass)
+                                         inv_t, multiplier, hash_offset, best, best_at, mass, BLOCK,
+                                         GROUP)
     out = draw_ptr + (row * n_splits + split) * _DRAW_STATS
-    best, index = _best_of_lanes(best, best_at, BLOCK)
+    best, index = _best_of_lanes(best, best_at, BLOCK // GROUP, GROUP)
     _store_best(out, best, index)
     tl.store(out + 2, tl.sum(mass, axis=0))
 
@@ -635,24 +666,25 @@ def launch(cond, uncond, keys, tokens, logprobs, stats, draw, state, istate, par
     """
     batch, vocab = cond.shape
     grid = (batch, n_splits)
+    lanes = group(cond.element_size())
     rows = (gamma, mix, temp)
     shape = (vocab, cond.stride(0), uncond.stride(0))
     with_logprobs = logprobs is not None
     filters = top_k is not None and noise
     _run(_sample_stats_kernel, grid, key and ("sample-stats",) + key,
          (cond, uncond, stats, keys, *rows, *shape, split_len),
-         dict(MODE=mode, NOISE=noise, PARTITION=with_logprobs, BLOCK=BLOCK))
+         dict(MODE=mode, NOISE=noise, PARTITION=with_logprobs, BLOCK=BLOCK, GROUP=lanes))
     # Rows with tokens masked in uncond alone: the guidance statistics (for δ), and that group's
     # noisy winner and partition sum.
     if mode != RAW:
         _run(_guidance_stats_kernel, grid, key and ("sample-guidance",) + key,
              (cond, uncond, stats, 0.0, gamma, *shape, split_len),
-             dict(MODE=mode, GAMMA_PER_ROW=True, BLOCK=BLOCK, STRIDE=SAMPLE_STATS,
+             dict(MODE=mode, GAMMA_PER_ROW=True, BLOCK=BLOCK, GROUP=lanes, STRIDE=SAMPLE_STATS,
                   WHEN_FINITE=MASKED_KEY))
     if noise or with_logprobs:
         _run(_sample_masked_kernel, grid, key and ("sample-masked",) + key,
              (cond, uncond, stats, keys, temp, *shape, split_len),
-             dict(NOISE=noise, PARTITION=with_logprobs, BLOCK=BLOCK))
+             dict(NOISE=noise, PARTITION=with_logprobs, BLOCK=BLOCK, GROUP=lanes))
     _run(_sample_finish_kernel, (batch,), key and ("sample-finish",) + key,
          (cond, uncond, tokens, logprobs, stats, state, keys, *rows, min_p, istate, *shape, n_splits),
          dict(MODE=mode, MIN_P=min_p is not None, NOISE=noise, LOGPROBS=with_logprobs,
@@ -661,20 +693,17 @@ def launch(cond, uncond, keys, tokens, logprobs, stats, draw, state, istate, par
         for _ in range(SEARCH_PASSES):
             _run(_sample_search_kernel, grid, key and ("sample-search",) + key,
                  (cond, uncond, part, state, istate, *rows, *shape, split_len, n_splits),
-                 dict(MODE=mode, PIVOTS=PIVOTS, BLOCK=BLOCK, GROUP=16 // cond.element_size()))
+                 dict(MODE=mode, PIVOTS=PIVOTS, BLOCK=BLOCK, GROUP=lanes))
             _run(_sample_step_kernel, (batch,), key and ("sample-step",) + key,
                  (part, state, istate, top_k, top_p, n_splits),
                  dict(LOGPROBS=with_logprobs, MAX_SPLITS=MAX_SPLITS, PIVOTS=PIVOTS))
     if (min_p is not None or filters) and noise:
         _run(_sample_draw_kernel, grid, key and ("sample-draw",) + key,
              (cond, uncond, draw, state, keys, *rows, *shape, split_len, n_splits),
-             dict(MODE=mode, BLOCK=BLOCK))
+             dict(MODE=mode, BLOCK=BLOCK, GROUP=lanes))
         _run(_sample_draw_finish_kernel, (batch,), key and ("sample-draw-finish",) + key,
              (cond, uncond, tokens, logprobs, draw, state, *rows, *shape, n_splits),
              dict(MODE=mode, LOGPROBS=with_logprobs, MAX_SPLITS=MAX_SPLITS))
-
-
-_BYTES = {"*fp32": 4, "*fp16": 2, "*bf16": 2}
 
 
 def specializations():
@@ -684,14 +713,15 @@ def specializations():
     shape = {"V": "i32", "stride_c": "i32", "stride_u": "i32"}
     for in_t in ("*fp32", "*fp16", "*bf16"):
         logits = {"c_ptr": in_t, "u_ptr": in_t}
+        lanes = group(_BYTES[in_t])
         for mode in (RAW, NORMALIZED, INTERPOLATED):
             for noise in (False, True):
                 for partition in (False, True):
                     yield (_sample_stats_kernel,
                            {**logits, "stats_ptr": "*fp32", "keys_ptr": "*i64", **rows, **shape,
                             "split_len": "i32", "MODE": "constexpr", "NOISE": "constexpr",
-                            "PARTITION": "constexpr", "BLOCK": "constexpr"},
-                           dict(MODE=mode, NOISE=noise, PARTITION=partition, BLOCK=BLOCK),
+                            "PARTITION": "constexpr", "BLOCK": "constexpr", "GROUP": "constexpr"},
+                           dict(MODE=mode, NOISE=noise, PARTITION=partition, BLOCK=BLOCK, GROUP=lanes),
                            NUM_WARPS)
                     for with_min_p in (False, True):
                         for filters in ((False, True) if noise else (False,)):
@@ -715,20 +745,20 @@ def specializations():
                    {**logits, "part_ptr": "*fp32", "state_ptr": "*fp32", "istate_ptr": "*i64", **rows,
                     **shape, "split_len": "i32", "n_splits": "i32", "MODE": "constexpr",
                     "PIVOTS": "constexpr", "BLOCK": "constexpr", "GROUP": "constexpr"},
-                   dict(MODE=mode, PIVOTS=PIVOTS, BLOCK=BLOCK, GROUP=16 // _BYTES[in_t]), NUM_WARPS)
+                   dict(MODE=mode, PIVOTS=PIVOTS, BLOCK=BLOCK, GROUP=lanes), NUM_WARPS)
             yield (_sample_draw_kernel,
                    {**logits, "draw_ptr": "*fp32", "state_ptr": "*fp32", "keys_ptr": "*i64", **rows,
                     **shape, "split_len": "i32", "n_splits": "i32", "MODE": "constexpr",
-                    "BLOCK": "constexpr"},
-                   dict(MODE=mode, BLOCK=BLOCK), NUM_WARPS)
+                    "BLOCK": "constexpr", "GROUP": "constexpr"},
+                   dict(MODE=mode, BLOCK=BLOCK, GROUP=lanes), NUM_WARPS)
             if mode != RAW:
                 yield (_guidance_stats_kernel,
                        {**logits, "stats_ptr": "*fp32", "gamma": "fp32", "gamma_ptr": "*fp32",
                         **shape, "split_len": "i32", "MODE": "constexpr",
-                        "GAMMA_PER_ROW": "constexpr", "BLOCK": "constexpr", "STRIDE": "constexpr",
-                        "WHEN_FINITE": "constexpr"},
-                       dict(MODE=mode, GAMMA_PER_ROW=True, BLOCK=BLOCK, STRIDE=SAMPLE_STATS,
-                            WHEN_FINITE=MASKED_KEY), NUM_WARPS)
+                        "GAMMA_PER_ROW": "constexpr", "BLOCK": "constexpr", "GROUP": "constexpr",
+                        "STRIDE": "constexpr", "WHEN_FINITE": "constexpr"},
+                       dict(MODE=mode, GAMMA_PER_ROW=True, BLOCK=BLOCK, GROUP=lanes,
+                            STRIDE=SAMPLE_STATS, WHEN_FINITE=MASKED_KEY), NUM_WARPS)
             for with_logprobs in (False, True):
                 flags = dict(MODE=mode, LOGPROBS=with_logprobs, MAX_SPLITS=MAX_SPLITS)
                 if not with_logprobs:
@@ -743,8 +773,8 @@ def specializations():
             yield (_sample_masked_kernel,
                    {**logits, "stats_ptr": "*fp32", "keys_ptr": "*i64", "temp_ptr": "*fp32", **shape,
                     "split_len": "i32", "NOISE": "constexpr", "PARTITION": "constexpr",
-                    "BLOCK": "constexpr"},
-                   dict(NOISE=noise, PARTITION=partition, BLOCK=BLOCK), NUM_WARPS)
+                    "BLOCK": "constexpr", "GROUP": "constexpr"},
+                   dict(NOISE=noise, PARTITION=partition, BLOCK=BLOCK, GROUP=lanes), NUM_WARPS)
     for with_logprobs in (False, True):
         yield (_sample_step_kernel,
                {"part_ptr": "*fp32", "state_ptr": "*fp32", "istate_ptr": "*i64", "top_k_ptr": "*i64",

@@ -22,9 +22,9 @@ import triton.language as tl
 from cfg_triton.modes import INTERPOLATED, NORMALIZED, RAW
 
 _RAW = tl.constexpr(RAW)
-from .guidance import (BLOCK, MAX_SPLITS, NUM_WARPS, _fold_lanes, _guided, _lanes_empty, _load_full,
-                       _load_tile, _references, _row_constants, _row_start, _run, _store_lanes,
-                       _whole_tiles_end)
+from .guidance import (_BYTES, BLOCK, MAX_SPLITS, NUM_WARPS, _columns, _fold_entry, _guided,
+                       _lanes_empty, _load_full, _load_tile, _references, _row_constants, _row_start,
+                       _run, _store_lanes, _whole_tiles_end, group)
 
 _INTERPOLATED = tl.constexpr(INTERPOLATED)
 TOKEN_STATS = 12
@@ -33,20 +33,21 @@ _NO_INDEX = tl.constexpr(2**31 - 1)
 
 
 @triton.jit
-def _lanes_best(key, offset, best, best_at):
-    """Folds a tile's keys into per-lane (best key, tile offset it came at). A lane sees its tokens
-    in index order and only a strictly larger key wins, so its ties keep the lowest index; NaN
-    never wins."""
+def _lanes_best(key, at, best, best_at):
+    """Folds one key per lane into per-lane (best key, where it came: the tile offset plus the
+    entry's column). A lane sees its tokens in index order and only a strictly larger key wins,
+    so its ties keep the lowest index; NaN never wins."""
     better = key > best
-    return tl.where(better, key, best), tl.where(better, offset, best_at)
+    return tl.where(better, key, best), tl.where(better, at, best_at)
 
 
 @triton.jit
-def _best_of_lanes(best, best_at, BLOCK: tl.constexpr):
-    """(key, index) of the best lane, ties to the lowest index; _NO_INDEX when no key beat -inf."""
+def _best_of_lanes(best, best_at, LANES: tl.constexpr, GROUP: tl.constexpr):
+    """(key, token index) of the best lane (lane l holds tokens `GROUP * l + column` of each tile),
+    ties to the lowest index; _NO_INDEX when no key beat -inf."""
     top = tl.max(best, axis=0)
-    index = tl.min(tl.where(best == top, best_at + tl.arange(0, BLOCK), _NO_INDEX), axis=0)
-    return top, tl.where(top == float("-inf"), _NO_INDEX, index)
+    index = tl.where(best == top, best_at + tl.arange(0, LANES) * GROUP, _NO_INDEX)
+    return top, tl.where(top == float("-inf"), _NO_INDEX, tl.min(index, axis=0))
 
 
 @triton.jit
@@ -124,14 +125,18 @@ def _pick(live_idx, live_score, masked_idx, masked_score):
 
 @triton.jit
 def _token_fold(c, u, offset, kappa_h, kappa, c_at, u_at, c_max, c_sum, u_max, u_sum, h_max, h_sum,
-                m_sum, live_best, live_at, masked_best, masked_at, worst, MODE: tl.constexpr):
-    c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum = _fold_lanes(
-        c, u, kappa_h, c_at, u_at, c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum, MODE)
-    live_key, masked_key = _group_keys(c, u, kappa)
-    live_best, live_at = _lanes_best(live_key, offset, live_best, live_at)
-    masked_best, masked_at = _lanes_best(masked_key, offset, masked_best, masked_at)
-    if MODE == _RAW:  # other modes' sums turn NaN on NaN or +inf input
-        worst = _lanes_poison(worst, c, u)
+                m_sum, live_best, live_at, masked_best, masked_at, worst, MODE: tl.constexpr,
+                BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    cs = _columns(c, BLOCK, GROUP)
+    us = _columns(u, BLOCK, GROUP)
+    for e in tl.static_range(GROUP):
+        c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum = _fold_entry(
+            cs[e], us[e], kappa_h, c_at, u_at, c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum, MODE)
+        live_key, masked_key = _group_keys(cs[e], us[e], kappa)
+        live_best, live_at = _lanes_best(live_key, offset + e, live_best, live_at)
+        masked_best, masked_at = _lanes_best(masked_key, offset + e, masked_best, masked_at)
+        if MODE == _RAW:  # other modes' sums turn NaN on NaN or +inf input
+            worst = _lanes_poison(worst, cs[e], us[e])
     return (c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum, live_best, live_at, masked_best,
             masked_at, worst)
 
@@ -140,7 +145,7 @@ def _token_fold(c, u, offset, kappa_h, kappa, c_at, u_at, c_max, c_sum, u_max, u
 def _token_stats_kernel(
     c_ptr, u_ptr, stats_ptr, gamma, gamma_ptr, mix, mix_ptr, V, stride_c, stride_u, split_len,
     MODE: tl.constexpr, GAMMA_PER_ROW: tl.constexpr, MIX_PER_ROW: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, GROUP: tl.constexpr,
 ):
     row, c_row, u_row, gamma = _row_start(c_ptr, u_ptr, stride_c, stride_u, gamma, gamma_ptr,
                                           GAMMA_PER_ROW)
@@ -152,10 +157,10 @@ def _token_stats_kernel(
     start = split * split_len
     end = tl.minimum(start + split_len, V)
     c_at, u_at = _references(c_row, u_row, start, end, BLOCK)
-    c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum = _lanes_empty(BLOCK)
-    live_best = tl.full([BLOCK], float("-inf"), tl.float32)
+    c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum = _lanes_empty(BLOCK // GROUP)
+    live_best = tl.full([BLOCK // GROUP], float("-inf"), tl.float32)
     masked_best = live_best
-    live_at = tl.zeros([BLOCK], dtype=tl.int32)
+    live_at = tl.zeros([BLOCK // GROUP], dtype=tl.int32)
     masked_at = live_at
     worst = live_best
     whole = _whole_tiles_end(start, end, BLOCK)
@@ -164,21 +169,21 @@ def _token_stats_kernel(
         (c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum, live_best, live_at, masked_best, masked_at,
          worst) = _token_fold(c, u, offset, 1.0 - gamma, kappa, c_at, u_at, c_max, c_sum, u_max, u_sum,
                               h_max, h_sum, m_sum, live_best, live_at, masked_best, masked_at, worst,
-                              MODE)
+                              MODE, BLOCK, GROUP)
     if whole < end:
         c, u, _ = _load_tile(c_row, u_row, whole + lanes, end)
         (c_max, c_sum, u_max, u_sum, h_max, h_sum, m_sum, live_best, live_at, masked_best, masked_at,
          worst) = _token_fold(c, u, whole, 1.0 - gamma, kappa, c_at, u_at, c_max, c_sum, u_max, u_sum,
                               h_max, h_sum, m_sum, live_best, live_at, masked_best, masked_at, worst,
-                              MODE)
+                              MODE, BLOCK, GROUP)
     out = stats_ptr + (row * tl.num_programs(1) + split) * _TOKEN_STATS
     bad = _store_lanes(out, c_row, u_row, start, end, 1.0 - gamma, c_at, u_at, c_max, c_sum, u_max,
-                       u_sum, h_max, h_sum, m_sum, MODE, BLOCK)
+                       u_sum, h_max, h_sum, m_sum, MODE, BLOCK, GROUP)
     if MODE == _RAW:
         bad = _is_poisoned(worst)
     tl.store(out + 7, bad.to(tl.float32))
-    live_best, live_idx = _best_of_lanes(live_best, live_at, BLOCK)
-    masked_best, masked_idx = _best_of_lanes(masked_best, masked_at, BLOCK)
+    live_best, live_idx = _best_of_lanes(live_best, live_at, BLOCK // GROUP, GROUP)
+    masked_best, masked_idx = _best_of_lanes(masked_best, masked_at, BLOCK // GROUP, GROUP)
     _store_best(out + 8, live_best, live_idx)
     _store_best(out + 10, masked_best, masked_idx)
 
@@ -253,7 +258,8 @@ def launch(cond, uncond, targets, logprobs, greedy, stats, mode, gamma, gamma_ro
     _run(_token_stats_kernel, (batch, n_splits), key and ("token-stats",) + key,
          (cond, uncond, stats, gamma, gamma_rows, mix, mix_rows, vocab, cond.stride(0),
           uncond.stride(0), split_len),
-         dict(MODE=mode, GAMMA_PER_ROW=gamma_per_row, MIX_PER_ROW=mix_per_row, BLOCK=BLOCK))
+         dict(MODE=mode, GAMMA_PER_ROW=gamma_per_row, MIX_PER_ROW=mix_per_row, BLOCK=BLOCK,
+              GROUP=group(cond.element_size())))
     _run(_token_finish_kernel, (batch,), key and ("token-finish",) + key,
          (cond, uncond, targets, logprobs, greedy, stats, gamma, gamma_rows, mix, mix_rows, vocab,
           cond.stride(0), uncond.stride(0), n_splits),
@@ -278,8 +284,9 @@ def specializations():
                     sig = {"c_ptr": in_t, "u_ptr": in_t, "stats_ptr": "*fp32", "gamma": "fp32",
                            **rows, "V": "i32", "stride_c": "i32", "stride_u": "i32",
                            "split_len": "i32", "MODE": "constexpr", "GAMMA_PER_ROW": "constexpr",
-                           "MIX_PER_ROW": "constexpr", "BLOCK": "constexpr"}
-                    yield _token_stats_kernel, sig, {**flags, "BLOCK": BLOCK}, NUM_WARPS
+                           "MIX_PER_ROW": "constexpr", "BLOCK": "constexpr", "GROUP": "constexpr"}
+                    yield (_token_stats_kernel, sig,
+                           {**flags, "BLOCK": BLOCK, "GROUP": group(_BYTES[in_t])}, NUM_WARPS)
                     sig = {"c_ptr": in_t, "u_ptr": in_t, "targets_ptr": "*i64",
                            "logprobs_ptr": "*fp32", "greedy_ptr": "*i8", "stats_ptr": "*fp32",
                            "gamma": "fp32", **rows, "V": "i32", "stride_c": "i32",

@@ -40,11 +40,12 @@ def test_every_specialization_compiles_for_sm80_and_sm90(compiled):
     n_tokens = len(list(token_logprobs.specializations()))
     assert n_tokens == 3 * (2 + 2 + 4) * 2
     n += n_tokens
-    # sample: in dtypes x modes x (stats: noise x log-probs; finish: x min-p, x top-k/top-p with
-    # noise; search; draw; draw finish: x log-probs), and the step kernel x log-probs; γ, α and T
-    # are always per row
+    # sample: in dtypes x (modes x (stats: noise x log-probs; finish: x min-p, x top-k/top-p with
+    # noise; search; draw; draw finish: x log-probs), the guidance statistics of rows with tokens
+    # masked in uncond alone (normalized, interpolated), that group's pass (noise and/or log-probs)),
+    # and the step kernel x log-probs; γ, α and T are always per row
     n_sample = len(list(sampling.specializations()))
-    assert n_sample == 3 * 3 * (2 * 2 + (2 * 2 + 2 * 2 * 2) + 1 + 1 + 2) + 2
+    assert n_sample == 3 * (3 * (2 * 2 + (2 * 2 + 2 * 2 * 2) + 1 + 1 + 2) + 2 + 3) + 2
     n += n_sample
     for arch in ("sm_80", "sm_90"):
         assert sum(r["arch"] == arch for r in rows) == 2 * n  # aligned and unaligned
