@@ -253,6 +253,74 @@ def _warped_probs(cond, uncond, filters):
     return warp_scores(scores, 0.8, filters.get("top_k"), filters.get("top_p")).softmax(-1)
 
 
+# The passes a measured point runs, for the static prediction: the op's statistics (not in raw mode)
+# and write into fp32 at scalar γ; `sample`'s one read, greedy or with noise, normalized.
+_MODES = {"raw": 0, "normalized": 1, "interpolated": 2}
+
+
+def _predicted_pass(name, flags, out):
+    if name == "_guidance_stats_kernel":
+        return not flags["GAMMA_PER_ROW"] and flags["WHEN_FINITE"] < 0
+    if name == "_guidance_write_kernel":
+        return out == "fp32" and not flags["GAMMA_PER_ROW"] and not flags["MIX_PER_ROW"]
+    return name == "_sample_stats_kernel" and flags["MODE"] == 1 and not flags["PARTITION"]
+
+
+def predict(r: Run):
+    """The issue budget (`cfg_triton.budget`) for this machine: the ceiling each measured pass's
+    compiled loop allows at the measured copy bandwidth, so that the summary can set the static
+    prediction beside each measurement."""
+    from cfg_triton import budget
+
+    if os.environ.get("TRITON_INTERPRET") == "1":  # a CPU smoke run: no compiled code to count
+        print("  static prediction: none, the kernels run in Triton's interpreter", flush=True)
+        return
+    cuda = r.device == "cuda"
+    # Compiled without a GPU (a CPU run that compiles): sm_90 code and an H100's constants.
+    props = torch.cuda.get_device_properties(0) if cuda else None
+    arch = props.major * 10 + props.minor if cuda else 90
+    sms = props.multi_processor_count if cuda else budget.SMS
+    bandwidth = (r.results["copy_gbps"] or 0) * 1e9 if cuda else budget.BANDWIDTH["H100 SXM"]
+    dtypes = [str(d)[6:].replace("bfloat", "bf").replace("float", "fp") for d in r.plan["dtypes"]]
+    rows = budget.report((arch,), dtypes, select=_predicted_pass)
+    for row in rows:
+        row["ceiling"] = budget.ceiling(row["per_entry"], row["dtype"], bandwidth, row["out"],
+                                        row["mufu_per_entry"], sms=sms) if bandwidth else None
+    r.results["prediction"] = {"arch": f"sm_{arch}", "sms": sms, "clock_hz": budget.CLOCK_HZ,
+                               "bandwidth": bandwidth, "passes": rows}
+
+
+def _ceiling(results, kernel, dtype, **flags):
+    """The worst predicted ceiling among the passes that match, or None."""
+    rows = (results.get("prediction") or {}).get("passes", [])
+    found = [row["ceiling"] for row in rows if row["kernel"] == kernel and row["dtype"] == dtype
+             and row["ceiling"] and all(row["constexprs"].get(k) == v for k, v in flags.items())]
+    return min(found) if found else None
+
+
+def predicted_op_fraction(results, semantics, dtype) -> float | None:
+    """The fraction of copy bandwidth the op's passes allow: its minimum bytes (one read of both
+    branches, one fp32 write) over the time each pass needs at its ceiling."""
+    dtype = dtype.replace("bfloat", "bf").replace("float", "fp")
+    size = 2 if dtype in ("bf16", "fp16") else 4
+    mode = _MODES[semantics]
+    write = _ceiling(results, "_guidance_write_kernel", dtype, MODE=mode)
+    stats = _ceiling(results, "_guidance_stats_kernel", dtype, MODE=mode) if mode else None
+    if write is None or (mode and stats is None):
+        return None
+    time = (2 * size + 4) / write + (2 * size / stats if mode else 0.0)
+    return (2 * size + 4) / time
+
+
+def predicted_x_floor(results, name, dtype) -> float | None:
+    """The least multiple of the one-read floor `sample` can take, greedy or unfiltered."""
+    if name not in ("greedy", "none"):
+        return None  # filters add passes whose count depends on the data
+    dtype = dtype.replace("bfloat", "bf").replace("float", "fp")
+    found = _ceiling(results, "_sample_stats_kernel", dtype, NOISE=name == "none")
+    return 1 / found if found else None
+
+
 def measure_sampling(r: Run):
     """`sample` against guidance + warpers + multinomial (greedy: guidance + argmax), and against
     the `probs / Exponential(1)` argmax trick, with the one-read floor 2·B·V·s of both branches."""
@@ -422,6 +490,10 @@ def read_tests(path: Path) -> dict | None:
     return {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
 
 
+def _percent(x) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
 def summary(results) -> str:
     """The short table printed last and saved as summary.txt."""
     m = results["machine"]
@@ -441,19 +513,25 @@ def summary(results) -> str:
                          + (f", {h['graph_us']:.1f} µs in a graph" if h["graph_us"] else ""))
     grid = results["guidance"]
     if grid:
-        lines.append("op (semantics dtype B V): fused µs | GB/s | x eager | x compiled | x transformers")
+        lines.append("op (semantics dtype B V): fused µs | GB/s | % of copy (predicted at most) | x eager "
+                     "| x compiled | x transformers")
         for p in grid:
             if p["batch"] in (1, max(q["batch"] for q in grid)) and p["vocab"] == max(q["vocab"] for q in grid):
                 ratios = " | ".join(f"{p[f'speedup_vs_{peer}']:.2f}x" if f"speedup_vs_{peer}" in p
                                     else "-" for peer in report.PEERS)
+                predicted = predicted_op_fraction(results, p["semantics"], p["dtype"])
                 lines.append(f"  {p['semantics']:12} {p['dtype']:8} {p['batch']:>3} {p['vocab']:>7,}: "
-                             f"{p['fused_us']:8.1f} | {p['gbps']:7.1f} | {ratios}")
+                             f"{p['fused_us']:8.1f} | {p['gbps']:7.1f} | "
+                             f"{_percent(p.get('bandwidth_fraction'))} ({_percent(predicted)}) | {ratios}")
     if results.get("sampling"):
-        lines.append("sample (filter dtype B V): µs | x one-read floor | x multinomial | x exponential")
+        lines.append("sample (filter dtype B V): µs | x one-read floor (predicted at least) | x multinomial "
+                     "| x exponential")
         for p in results["sampling"]:
             if p["vocab"] == max(q["vocab"] for q in results["sampling"]):
+                predicted = predicted_x_floor(results, p["filter"], p["dtype"])
                 lines.append(f"  {p['filter']:6} {p['dtype']:8} {p['batch']:>3} {p['vocab']:>7,}: "
-                             f"{p['sample_us']:8.1f} | {p.get('x_floor', float('nan')):5.2f} | "
+                             f"{p['sample_us']:8.1f} | {p.get('x_floor', float('nan')):5.2f} "
+                             f"({'-' if predicted is None else f'{predicted:.2f}'}) | "
                              f"{p['speedup_vs_multinomial']:5.1f}x | "
                              + (f"{p['exponential_us'] / p['sample_us']:5.1f}x" if "exponential_us" in p else "-"))
     for p in results.get("scoring") or []:
@@ -488,6 +566,7 @@ def main(argv=None) -> int:
     r.results["tests"] = read_tests(args.tests)
     r.section("copy bandwidth", lambda: r.results.update(copy_gbps=bench_run.copy_bandwidth(
         device, small=args.smoke)))
+    r.section("static prediction", lambda: predict(r))
     r.section("greedy parity", lambda: check_parity(r))
     r.section("host cost", lambda: measure_host(r))
     r.section("op grid", lambda: measure_op(r))

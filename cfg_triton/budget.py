@@ -69,10 +69,11 @@ def budget(kernel: str, constexprs: dict, dtype: str, out: str | None = None) ->
 
 
 def ceiling(per_entry: float, dtype: str, bandwidth: float, out: str | None = None,
-            mufu_per_entry: float = 0.0) -> float:
-    """The fraction of the memory roofline a loop issuing `per_entry` warp-instructions (of which
-    `mufu_per_entry` MUFU) can reach."""
-    entries_per_clock = bandwidth / (SMS * CLOCK_HZ) / entry_bytes(dtype, out)
+            mufu_per_entry: float = 0.0, sms: int = SMS, clock_hz: float = CLOCK_HZ) -> float:
+    """The fraction of the memory roofline (`bandwidth` bytes per second over `sms` SMs at
+    `clock_hz`) a loop issuing `per_entry` warp-instructions, `mufu_per_entry` of them MUFU, can
+    reach."""
+    entries_per_clock = bandwidth / (sms * clock_hz) / entry_bytes(dtype, out)
     issue = ISSUE_PER_CLOCK / (per_entry * entries_per_clock)
     mufu = MUFU_PER_CLOCK / (mufu_per_entry * entries_per_clock) if mufu_per_entry else issue
     return min(1.0, issue, mufu)
@@ -145,8 +146,9 @@ def _sass(cubin: bytes) -> str:
                               check=True).stdout
 
 
-def report(archs=(90,), dtypes=("bf16",)) -> list[dict]:
-    """One row per streaming specialization (aligned pointers), arch and input dtype."""
+def report(archs=(90,), dtypes=("bf16",), select=None) -> list[dict]:
+    """One row per streaming specialization (aligned pointers), arch and input dtype; `select`
+    (kernel name, constexprs, output dtype or None) -> bool keeps some only."""
     from .aot import compile_kernel, specializations
 
     rows = []
@@ -154,6 +156,8 @@ def report(archs=(90,), dtypes=("bf16",)) -> list[dict]:
         dtype = signature.get("c_ptr", "").lstrip("*")
         out = signature.get("out_ptr", "").lstrip("*") or None
         if dtype not in dtypes or "BLOCK" not in constexprs:
+            continue
+        if select is not None and not select(kernel.__name__, constexprs, out):
             continue
         for arch in archs:
             compiled = compile_kernel(kernel, signature, constexprs, num_warps, arch, aligned=True)
@@ -197,13 +201,19 @@ def _family(row) -> str:
     return name
 
 
-def summary(rows: list[dict]) -> str:
-    """The worst specialization of each pass: the table of docs/kernels.md."""
+def _worst(rows: list[dict], name) -> dict:
+    """The costliest row per (name(row), arch, dtype)."""
     worst = {}
     for r in rows:
-        key = (_family(r), r["arch"], r["dtype"])
+        key = (name(r), r["arch"], r["dtype"])
         if key not in worst or r["per_entry"] > worst[key]["per_entry"]:
             worst[key] = r
+    return worst
+
+
+def summary(rows: list[dict]) -> str:
+    """The worst specialization of each pass: the table of docs/kernels.md."""
+    worst = _worst(rows, _family)
     lines = ["| pass (worst specialization) | arch | dtype | warp-instr / entry | budget | barriers + "
              "shuffles / iteration | loads (bits) | predicted H100 ceiling | predicted H200 ceiling |",
              "|---|---|---|---:|---:|---:|---|---:|---:|"]
@@ -214,8 +224,28 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "kernels.md")
+def brief(rows: list[dict]) -> str:
+    """The README's table: the costliest specialization of each kernel."""
+    lines = ["| kernel | warp-instr / entry (budget) | predicted H100 SXM ceiling | predicted H200 ceiling |",
+             "|---|---:|---:|---:|"]
+    for (kernel, _, _), r in _worst(rows, lambda r: r["kernel"]).items():
+        lines.append(f"| `{kernel}` | {r['per_entry']:.2f} ({r['budget']:.1f}) | "
+                     f"{r['ceiling_H100 SXM']:.0%} | {r['ceiling_H200']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOC = os.path.join(_ROOT, "docs", "kernels.md")
+README = os.path.join(_ROOT, "README.md")
 MARKERS = ("<!-- budget:start -->", "<!-- budget:end -->")
+README_MARKERS = ("<!-- budget:readme:start -->", "<!-- budget:readme:end -->")
+
+
+def _replace_between(path: str, markers: tuple[str, str], text: str) -> None:
+    with open(path, encoding="utf-8") as f:
+        head, rest = f.read().split(markers[0], 1)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(head + markers[0] + "\n" + text + markers[1] + rest.split(markers[1], 1)[1])
 
 
 def main(argv=None) -> int:
@@ -226,7 +256,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", nargs="+", default=["bf16"], choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write", action="store_true",
-                        help="also write the full table to bench/results/ and the summary to docs/kernels.md")
+                        help="also write the full table to bench/results/, the summary to "
+                             "docs/kernels.md and the brief to README.md")
     args = parse_for_compiling(parser, argv)
     rows = report(args.arch, args.dtype)
     print(json.dumps(rows) if args.json else table(rows), end="" if args.json else "")
@@ -237,12 +268,10 @@ def main(argv=None) -> int:
             f.write(f"Streaming-loop issue budget (`python -m cfg_triton.budget --write`), "
                     f"Triton {_triton_version()}; a static prediction, not a measurement.\n\n"
                     + table(rows))
-        text = open(DOC, encoding="utf-8").read()
-        head, rest = text.split(MARKERS[0], 1)
-        # The page states the bf16 budgets; the other dtypes are in the full table.
-        stated = [r for r in rows if r["dtype"] == "bf16"] or rows
-        with open(DOC, "w", encoding="utf-8") as f:
-            f.write(head + MARKERS[0] + "\n" + summary(stated) + MARKERS[1] + rest.split(MARKERS[1], 1)[1])
+        # The pages state the bf16 budgets; the other dtypes are in the full table.
+        stated = [r for r in rows if r["dtype"] == "bf16" and r["arch"] == "sm_90"] or rows
+        _replace_between(DOC, MARKERS, summary(stated))
+        _replace_between(README, README_MARKERS, brief(stated))
     return 1 if any(r["budget"] is not None and r["per_entry"] > r["budget"] for r in rows) else 0
 
 

@@ -2,31 +2,40 @@
 
 Argmax, temperature, min-p and Gumbel noise ignore a per-row constant, and every guided score is a
 per-token key plus a constant per group (tokens live in both branches: `c + κ (u − c)`; tokens
-masked only in uncond: `c`; see `token_logprobs.py`). So one statistics pass can draw the token:
-each split keeps, per group, its best `key + T·g` (`g` Gumbel noise from the counter-based hash
-of `cfg_triton.rng`) and its best plain key; a per-row finish scores the group winners with the
-guidance formula and picks one. Greedy is T = 0. The same pass keeps online sums of
-`exp(key / T)` per group, which give the chosen token's log-probability.
+masked only in uncond: `c`; see `token_logprobs.py`). The kernels work with σ, the guided score
+on the live group's key scale (`_sigma`): σ = key for live tokens, `c − δ` for the others, where
+δ, the difference of the two groups' constants, comes from the guidance statistics.
 
-Every filter keeps the tokens at or above a threshold: min-p's is `s_max + T ln(min_p)`, top-k's
+So one statistics pass draws the token: each split keeps its best live key, its best noisy live
+key `key + T·ln2·g` (`g` the base-2 Gumbel noise of `cfg_triton.rng`), the online sum of
+`exp(key / T)` for log-probabilities, and the best key among tokens masked in uncond alone. In the
+common case that group is empty and nothing else is needed: no guidance statistics at all (a
+row's constant changes no draw). Rows where it is not empty (known after the pass) get the
+guidance statistics for δ and a pass over that group (its noisy winner and sum); every other row
+returns at once from both. A per-row finish merges the splits and picks the token. Greedy is T = 0.
+
+Every filter keeps the tokens at or above a threshold: min-p's is `σ_max + T ln(min_p)`, top-k's
 the k-th score, top-p's the lowest score whose strictly higher tokens hold less than `top_p` of the
-(top-k) mass. The unfiltered draw stands when it is kept: the argmax of `s + T·g` over all tokens
-is then the argmax over the kept ones. For min-p alone the finish knows; with top-k or top-p a
-check pass (one re-read) counts the tokens and mass above the draw. Otherwise, and whenever a
-log-probability under the filtered distribution is asked for, search passes find the exact
-thresholds: each re-read counts tokens and mass at 64 pivots spread over the order-preserving
-int32 codes of the scores between the bounds found so far, so a threshold is exact after at most
-6 re-reads (2**32 codes / 64**6 < 1). A last read draws among the kept tokens only.
+(top-k) mass. The unfiltered draw stands when it is kept: the argmax of `σ + T·ln2·g` over all
+tokens is then the argmax over the kept ones. For min-p alone the finish knows; with top-k or
+top-p a check pass (one re-read) counts the tokens and mass above the draw. Otherwise, and whenever
+a log-probability under the filtered distribution is asked for, search passes find the exact
+thresholds: each re-read counts tokens and mass at 16 pivots spread over the order-preserving
+int32 codes of the scores between the bounds found so far, so a threshold is exact after at most 8
+re-reads. A last read draws among the kept tokens only.
 
 Reads of both branches: greedy and temperature 1; min-p 1, or 2 when the draw falls below the
-threshold; top-p 2 when the draw is kept (probability at least `top_p`), at most 1 + 1 + 6 + 1 = 9
-otherwise (expected at most 2 + 7 (1 - top_p), 2.7 at 0.9); top-k and top-p together at most 15.
-Every pass is launched whatever the data, and rows with nothing left to do return at once, so
-nothing waits on the host. Nothing of size `[B, V]` is written.
+threshold; top-p 2 when the draw is kept (probability at least `top_p`), at most 1 + 1 + 8 + 1 = 11
+otherwise (expected at most 2 + 9 (1 - top_p), 2.9 at 0.9); top-k and top-p together at most 19.
+Rows with tokens masked in uncond alone read up to twice more. Every pass is launched whatever the
+data, and rows with nothing left to do return at once, so nothing waits on the host. Nothing of
+size `[B, V]` is written. Each streaming loop keeps per-lane running statistics, as `guidance.py`
+describes.
 
-Per (row, split), SAMPLE_STATS floats: the guidance statistics (slots 0-6, as `guidance.py`), the
-count of NaN/+inf inputs, then (best, index) pairs: noisy live, noisy masked, plain live, plain
-masked; then (max, sum) of `exp(key / T)` for live and masked tokens. Indices are int32 bits.
+Per (row, split), SAMPLE_STATS floats: the guidance statistics (slots 0-6, as `guidance.py`; only
+for rows with tokens masked in uncond alone), 1.0 if the split holds NaN or +inf, then (best,
+index) pairs: noisy live, noisy masked, plain live, plain masked; then (max, sum) of `exp(key / T)`
+for live and masked tokens. Indices are int32 bits.
 """
 import os
 

@@ -10,11 +10,12 @@ constant per group:
     live tokens (finite in both branches)   c + κ (u − c), κ = 1 − γ (interpolated: α (1 − γ))
     tokens masked only in uncond            c
 The two group winners are then scored with the guidance formula and compared (ties to the lower
-index). Rows holding NaN or +inf are counted so that the finish pass can report "not greedy".
+index). Rows holding NaN or +inf are flagged so that the finish pass can report "not greedy".
+The loop keeps per-lane running statistics and best keys, as `guidance.py` describes.
 
 Statistics per (row, split), TOKEN_STATS floats: the guidance statistics in slots 0-6 (same layout),
-then the count of NaN/+inf inputs, the live winner's key and index, the masked winner's key and
-index (indices stored as int32 bit patterns).
+then 1.0 if the split holds NaN or +inf (else 0.0), the live winner's key and index, the masked
+winner's key and index (indices stored as int32 bit patterns).
 """
 import triton
 import triton.language as tl

@@ -155,3 +155,20 @@ def test_gpu_command_runs_offline_in_smoke_mode(tmp_path):
     # the README tables come from the same file
     assert "| normalized | float32 | 2 | 1,000 |" in report.guidance_table(results)
     assert "cfg_triton compiled" in report.generation_table(results)
+
+
+def test_gpu_summary_sets_the_static_prediction_beside_each_point():
+    """The GPU command's summary prints each point's predicted ceiling from the issue budget: the
+    op's passes combined by the bytes each moves, `sample`'s one read as a multiple of its floor."""
+    import gpu
+
+    passes = [dict(kernel="_guidance_stats_kernel", dtype="bf16", constexprs=dict(MODE=1), ceiling=0.5),
+              dict(kernel="_guidance_write_kernel", dtype="bf16", constexprs=dict(MODE=1), ceiling=1.0),
+              dict(kernel="_sample_stats_kernel", dtype="bf16", constexprs=dict(NOISE=True), ceiling=0.8)]
+    results = {"prediction": {"passes": passes}}
+    # stats reads 4 bytes an entry at half speed, the write moves 8 at full: 8 / (4 / 0.5 + 8 / 1)
+    assert gpu.predicted_op_fraction(results, "normalized", "bfloat16") == pytest.approx(0.5)
+    assert gpu.predicted_op_fraction(results, "interpolated", "bfloat16") is None
+    assert gpu.predicted_x_floor(results, "none", "bfloat16") == pytest.approx(1.25)
+    assert gpu.predicted_x_floor(results, "top_p", "bfloat16") is None
+    assert gpu.predicted_op_fraction({}, "normalized", "bfloat16") is None
