@@ -40,8 +40,12 @@ MAX_SPLITS = 128
 _MAX_SPLITS = tl.constexpr(MAX_SPLITS)
 BLOCK = 2048
 NUM_WARPS = 8
+# The write pass with fp64 output runs half the block on half the warps: each lane keeps its 128-bit
+# loads, and the unaligned sm_90 specializations do not spill (at the full block two do).
+FP64_WRITE = (BLOCK // 2, NUM_WARPS // 2)
 _FLOOR = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX
 _LOG2E = tl.constexpr(1.4426950408889634)
+_NEG_LOG2E = tl.constexpr(-1.4426950408889634)
 # How far (in logits) a split's maximum may lie from h's reference before h is recomputed against
 # it: h' then holds values up to about this large, and its sums lose at most a few float32 ulps of it.
 # Real logits stay well inside (SmolLM2: at most 15 over 616 prompt positions and splits).
@@ -144,7 +148,7 @@ def _lanes_lse(m, s, x):
     and no lane meets -inf - -inf; NaN makes the sum NaN, +inf makes the lane's total NaN
     (`_lanes_total`). Returns (m, s, the old sum's scale, x's term)."""
     d = x - m
-    e = tl.math.exp2(-tl.abs(d) * _LOG2E)
+    e = tl.math.exp2(tl.abs(d) * _NEG_LOG2E)
     up = d > 0
     scale = tl.where(up, e, 1.0)
     term = tl.where(up, 1.0, e)
@@ -440,7 +444,7 @@ def plan(batch: int, vocab: int, num_sms: int) -> tuple[int, int]:
 _compiled = {}
 
 
-def _run(kernel, grid, key, args, constexprs):
+def _run(kernel, grid, key, args, constexprs, num_warps=NUM_WARPS):
     """Launches `kernel(*args, **constexprs)` on `grid`.
 
     The first launch of a specialization goes through Triton's JIT, which compiles it and returns the
@@ -452,7 +456,7 @@ def _run(kernel, grid, key, args, constexprs):
     if runner is not None:
         runner(*args, *constexprs.values())
         return
-    compiled = kernel[grid](*args, **constexprs, num_warps=NUM_WARPS)
+    compiled = kernel[grid](*args, **constexprs, num_warps=num_warps)
     if key is not None and compiled is not None and hasattr(compiled, "__getitem__"):
         _compiled[key] = compiled[grid]
 
@@ -473,11 +477,12 @@ def launch(cond, uncond, out, stats, mode, gamma, gamma_rows, mix, mix_rows, n_s
              (cond, uncond, stats, gamma, gamma_rows, vocab, cond.stride(0), uncond.stride(0), split_len),
              dict(MODE=mode, GAMMA_PER_ROW=gamma_per_row, BLOCK=BLOCK, GROUP=group(cond.element_size()),
                   STRIDE=STATS, WHEN_FINITE=-1))
+    block, warps = FP64_WRITE if out.element_size() == 8 else (BLOCK, NUM_WARPS)
     _run(_guidance_write_kernel, grid, key and ("write",) + key,
          (cond, uncond, out, stats, gamma, gamma_rows, mix, mix_rows, vocab, cond.stride(0),
           uncond.stride(0), split_len, n_splits),
          dict(MODE=mode, GAMMA_PER_ROW=gamma_per_row, MIX_PER_ROW=mix_per_row, MAX_SPLITS=MAX_SPLITS,
-              BLOCK=BLOCK))
+              BLOCK=block), warps)
 
 
 def specializations():
@@ -511,10 +516,11 @@ def specializations():
                                "n_splits": "i32", "MODE": "constexpr", "GAMMA_PER_ROW": "constexpr",
                                "MIX_PER_ROW": "constexpr", "MAX_SPLITS": "constexpr",
                                "BLOCK": "constexpr"}
+                        block, warps = FP64_WRITE if out_t == "*fp64" else (BLOCK, NUM_WARPS)
                         const = {"MODE": mode, "GAMMA_PER_ROW": gamma_rows, "MIX_PER_ROW": mix_rows,
-                                 "MAX_SPLITS": MAX_SPLITS, "BLOCK": BLOCK}
+                                 "MAX_SPLITS": MAX_SPLITS, "BLOCK": block}
                         if not gamma_rows:
                             const["gamma_ptr"] = None
                         if not mix_rows:
                             const["mix_ptr"] = None
-                        yield _guidance_write_kernel, sig, const, NUM_WARPS
+                        yield _guidance_write_kernel, sig, const, warps

@@ -419,31 +419,28 @@ def _pivots(phase, lo, hi, s_x0, PIVOTS: tl.constexpr):
 
 
 @triton.jit
-def _tally(codes, weights, pivots, counts, masses, PIVOTS: tl.constexpr, BLOCK: tl.constexpr,
-           GROUP: tl.constexpr):
-    """Adds a tile's count and mass at or above each pivot to per-thread accumulators
-    (`[BLOCK / GROUP]` each, one pair per pivot): the GROUP contiguous entries of one 128-bit load
-    are summed in their thread's registers, so no pivot costs a shuffle or a barrier."""
+def _tally(s, s_max, inv_t, pivots, counts, masses, PIVOTS: tl.constexpr):
+    """Adds one entry per lane (σ `s`) to the lanes' counts and masses at or above each pivot."""
+    codes = _code(s)
+    weights = tl.math.exp2((s - s_max) * inv_t)  # 0 for masked tokens, whose code is below every pivot
     new_counts = ()
     new_masses = ()
     for j in tl.static_range(PIVOTS):
         above = codes >= pivots[j]
-        new_counts = new_counts + (counts[j] + _per_load(above.to(tl.float32), BLOCK, GROUP),)
-        new_masses = new_masses + (masses[j] + _per_load(tl.where(above, weights, 0.0), BLOCK, GROUP),)
+        new_counts = new_counts + (counts[j] + above.to(tl.float32),)
+        new_masses = new_masses + (masses[j] + tl.where(above, weights, 0.0),)
     return new_counts, new_masses
-
-
-@triton.jit
-def _per_load(x, BLOCK: tl.constexpr, GROUP: tl.constexpr):
-    return tl.sum(tl.reshape(x, [BLOCK // GROUP, GROUP]), axis=1)
 
 
 @triton.jit
 def _search_fold(c, u, kappa, delta, s_max, inv_t, pivots, counts, masses, PIVOTS: tl.constexpr,
                  BLOCK: tl.constexpr, GROUP: tl.constexpr):
-    s = _sigma(c, u, kappa, delta)
-    weights = tl.math.exp2((s - s_max) * inv_t)  # 0 for masked tokens, whose code is below every pivot
-    return _tally(_code(s), weights, pivots, counts, masses, PIVOTS, BLOCK, GROUP)
+    cs = _columns(c, BLOCK, GROUP)
+    us = _columns(u, BLOCK, GROUP)
+    for e in tl.static_range(GROUP):
+        counts, masses = _tally(_sigma(cs[e], us[e], kappa, delta), s_max, inv_t, pivots, counts,
+                                masses, PIVOTS)
+    return counts, masses
 
 
 @triton.jit
@@ -657,6 +654,12 @@ def _sample_draw_finish_kernel(
         tl.store(logprobs_ptr + row, (s - tl.load(state + 2)) * tl.load(state + 3) - tl.log(mass))
 
 
+def _search_block(group: int) -> int:
+    """The search's tile: one load per lane, so that each of its 2 x PIVOTS running sums is a single
+    register a lane (4-byte inputs at the full block would hold two, past 128 registers)."""
+    return group * 32 * NUM_WARPS
+
+
 def launch(cond, uncond, keys, tokens, logprobs, stats, draw, state, istate, part, mode, gamma, mix,
            temp, min_p, top_k, top_p, noise, n_splits, split_len, key=None):
     """Draws one token per row of `[B, V]` row-strided `cond`/`uncond` into int64 `tokens` `[B]`
@@ -702,7 +705,7 @@ def launch(cond, uncond, keys, tokens, logprobs, stats, draw, state, istate, par
         for _ in range(SEARCH_PASSES):
             _run(_sample_search_kernel, grid, key and ("sample-search",) + key,
                  (cond, uncond, part, state, istate, *rows, *shape, split_len, n_splits),
-                 dict(MODE=mode, PIVOTS=PIVOTS, BLOCK=BLOCK, GROUP=lanes))
+                 dict(MODE=mode, PIVOTS=PIVOTS, BLOCK=_search_block(lanes), GROUP=lanes))
             _run(_sample_step_kernel, (batch,), key and ("sample-step",) + key,
                  (part, state, istate, top_k, top_p, n_splits),
                  dict(LOGPROBS=with_logprobs, MAX_SPLITS=MAX_SPLITS, PIVOTS=PIVOTS))
@@ -754,7 +757,7 @@ def specializations():
                    {**logits, "part_ptr": "*fp32", "state_ptr": "*fp32", "istate_ptr": "*i64", **rows,
                     **shape, "split_len": "i32", "n_splits": "i32", "MODE": "constexpr",
                     "PIVOTS": "constexpr", "BLOCK": "constexpr", "GROUP": "constexpr"},
-                   dict(MODE=mode, PIVOTS=PIVOTS, BLOCK=BLOCK, GROUP=lanes), NUM_WARPS)
+                   dict(MODE=mode, PIVOTS=PIVOTS, BLOCK=_search_block(lanes), GROUP=lanes), NUM_WARPS)
             yield (_sample_draw_kernel,
                    {**logits, "draw_ptr": "*fp32", "state_ptr": "*fp32", "keys_ptr": "*i64", **rows,
                     **shape, "split_len": "i32", "n_splits": "i32", "MODE": "constexpr",
