@@ -123,7 +123,9 @@ def _columns(x, BLOCK: tl.constexpr, GROUP: tl.constexpr):
     A lane's GROUP entries are the ones its 128-bit load brought, so this moves no data: the
     streaming loops fold a tile into one running statistic per lane, entry after entry, in
     registers (no shuffle, no barrier, and a few registers per statistic)."""
-    if GROUP == 8:
+    if GROUP == 1:
+        return (x,)
+    elif GROUP == 8:
         y0, y1 = tl.split(tl.reshape(x, [BLOCK // 8, 2, 2, 2]))
         y00, y01 = tl.split(y0)
         y10, y11 = tl.split(y1)
@@ -423,6 +425,19 @@ def group(element_size: int) -> int:
     return 16 // element_size
 
 
+# Triton's interpreter runs each of a tile's columns as its own numpy operations: it folds one entry
+# per lane (the same kernels, several times faster to interpret). None: as compiled (a test runs
+# each family so).
+INTERPRETER_GROUP = 1
+
+
+def launch_group(tensor) -> int:
+    """GROUP for a launch on `tensor`'s device."""
+    if tensor.is_cuda or INTERPRETER_GROUP is None:
+        return group(tensor.element_size())
+    return INTERPRETER_GROUP
+
+
 _BYTES = {"*fp32": 4, "*fp16": 2, "*bf16": 2}
 
 
@@ -475,7 +490,7 @@ def launch(cond, uncond, out, stats, mode, gamma, gamma_rows, mix, mix_rows, n_s
     if mode != RAW:
         _run(_guidance_stats_kernel, grid, key and ("stats",) + key,
              (cond, uncond, stats, gamma, gamma_rows, vocab, cond.stride(0), uncond.stride(0), split_len),
-             dict(MODE=mode, GAMMA_PER_ROW=gamma_per_row, BLOCK=BLOCK, GROUP=group(cond.element_size()),
+             dict(MODE=mode, GAMMA_PER_ROW=gamma_per_row, BLOCK=BLOCK, GROUP=launch_group(cond),
                   STRIDE=STATS, WHEN_FINITE=-1))
     block, warps = FP64_WRITE if out.element_size() == 8 else (BLOCK, NUM_WARPS)
     _run(_guidance_write_kernel, grid, key and ("write",) + key,

@@ -47,7 +47,8 @@ from cfg_triton.modes import INTERPOLATED, NORMALIZED, RAW
 
 from .guidance import (_BYTES, _FLOOR, _LOG2E, _MAX_SPLITS, BLOCK, MAX_SPLITS, NUM_WARPS, _columns,
                        _guidance_stats_kernel, _lanes_lse, _lanes_total, _load_full, _load_tile,
-                       _row_constants, _row_start, _run, _whole_tiles_end, group)
+                       _row_constants, _row_start, _run, _whole_tiles_end, group,
+                       launch_group)
 from .token_logprobs import (_NO_INDEX, _best_of_lanes, _group_keys, _is_poisoned, _kappa,
                              _lanes_best, _lanes_poison, _pick, _split_best, _split_sum, _store_best)
 
@@ -678,7 +679,7 @@ def launch(cond, uncond, keys, tokens, logprobs, stats, draw, state, istate, par
     """
     batch, vocab = cond.shape
     grid = (batch, n_splits)
-    lanes = group(cond.element_size())
+    lanes = launch_group(cond)
     rows = (gamma, mix, temp)
     shape = (vocab, cond.stride(0), uncond.stride(0))
     with_logprobs = logprobs is not None

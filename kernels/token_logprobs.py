@@ -25,7 +25,8 @@ from cfg_triton.modes import INTERPOLATED, NORMALIZED, RAW
 _RAW = tl.constexpr(RAW)
 from .guidance import (_BYTES, BLOCK, MAX_SPLITS, NUM_WARPS, _columns, _fold_entry, _guided,
                        _lanes_empty, _load_full, _load_tile, _references, _row_constants, _row_start,
-                       _run, _store_lanes, _whole_tiles_end, group)
+                       _run, _store_lanes, _whole_tiles_end, group,
+                       launch_group)
 
 _INTERPOLATED = tl.constexpr(INTERPOLATED)
 TOKEN_STATS = 12
@@ -260,7 +261,7 @@ def launch(cond, uncond, targets, logprobs, greedy, stats, mode, gamma, gamma_ro
          (cond, uncond, stats, gamma, gamma_rows, mix, mix_rows, vocab, cond.stride(0),
           uncond.stride(0), split_len),
          dict(MODE=mode, GAMMA_PER_ROW=gamma_per_row, MIX_PER_ROW=mix_per_row, BLOCK=BLOCK,
-              GROUP=group(cond.element_size())))
+              GROUP=launch_group(cond)))
     _run(_token_finish_kernel, (batch,), key and ("token-finish",) + key,
          (cond, uncond, targets, logprobs, greedy, stats, gamma, gamma_rows, mix, mix_rows, vocab,
           cond.stride(0), uncond.stride(0), n_splits),
