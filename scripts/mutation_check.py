@@ -105,7 +105,7 @@ MUTATIONS = [
      ["tests/test_sampling.py", "-k", "kernel_noise"]),
     ("the masked group's offset ignores the mix", "kernels/sampling.py",
      "            delta = mix * delta\n", "            delta = delta\n",
-     ["tests/test_sampling.py", "-k", "kernels_draw_the_torch_paths and interpolated"]),
+     ["tests/test_sampling.py", "-k", "two_groups and interpreter"]),
     ("the masked group's noisy winners are never looked for", "kernels/sampling.py",
      "    if noise or with_logprobs:\n        _run(_sample_masked_kernel,",
      "    if False:\n        _run(_sample_masked_kernel,",

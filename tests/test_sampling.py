@@ -29,6 +29,23 @@ def test_greedy_is_the_argmax(backend, semantics, dtype, shape):
     assert torch.equal(tokens, expected(cond, uncond, 1.5, **kw).argmax(-1))
 
 
+def test_greedy_between_the_two_groups(backend):
+    """Tokens masked in uncond alone compete with the live ones on their guided scores (here
+    interpolated, where the groups' offset carries the mix): rows whose best of each group lie
+    within ±0.5 of each other, in both orders, and greedy picks as the float64 reference does."""
+    kw = SEMANTICS["interpolated"]
+    cond, uncond = logits(64, 2_000), logits(64, 2_000)
+    uncond[:, :16] = NEG_INF
+    target = torch.linspace(-0.5, 0.5, 64, dtype=torch.float64)  # masked best minus live best
+    for _ in range(4):  # raising the masked tokens moves every score a little: settle
+        ref = expected(cond, uncond, 1.5, **kw)
+        gap = ref[:, :16].max(-1).values - ref[:, 16:].max(-1).values
+        cond[:, :16] += (target - gap)[:, None].float()
+    winners = expected(cond, uncond, 1.5, **kw).argmax(-1)
+    assert 10 < (winners < 16).sum() < 54  # both groups win some rows
+    assert torch.equal(cfg_triton.sample(cond, uncond, 1.5, temperature=0, **kw), winners)
+
+
 def _paths(monkeypatch, *args, **kw):
     """The same call on the torch path and in the interpreter."""
     out = {}
