@@ -339,7 +339,9 @@ def _sample_finish_kernel(
     has_masked = masked != _NO_INDEX
     # Without tokens masked in uncond alone (the common case) the guidance statistics were never
     # computed, and nothing needs them.
-    delta = tl.where(has_masked, _masked_offset(stats_row, n_splits, gamma, mix, MODE), 0.0)
+    delta = 0.0
+    if has_masked:
+        delta = _masked_offset(stats_row, n_splits, gamma, mix, MODE)
     live_at = tl.where(live == _NO_INDEX, 0, live)
     masked_at = tl.where(has_masked, masked, 0)
     live_top = tl.where(live == _NO_INDEX, float("-inf"), _sigma_at(c_row, u_row, live_at, kappa, delta))
