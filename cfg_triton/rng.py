@@ -52,16 +52,20 @@ def _row_key(seed, row, step):
     return mix32(h ^ high) if high else h
 
 
-def row_keys(seed, step, batch: int = None, device=None) -> torch.Tensor:
-    """`[B]` uint32 row keys (as int64) from seeds and steps; row i mixes in i.
+def row_keys(seed, step, batch: int = None, device=None, rows=None) -> torch.Tensor:
+    """`[B]` uint32 row keys (as int64) from seeds and steps; row i mixes in i, or `rows[i]`.
 
     `seed` and `step` are int64 `[B]` tensors, or Python ints with `batch` and `device` given
     (then the keys are computed on the host: a decode step's few rows cost no tensor ops).
+    `rows` (int64 `[B]`, optional) replaces each row's position as the row of its key: a server
+    keys every request as row 0 so that its draws do not depend on where the batch put it.
     """
-    if isinstance(seed, int) and isinstance(step, int):
+    if rows is None and isinstance(seed, int) and isinstance(step, int):
         keys = [_row_key(seed, row, step) for row in range(batch)]
         return torch.tensor(keys, dtype=torch.int64, device=device)
-    return _row_key(seed, torch.arange(seed.shape[0], device=seed.device, dtype=torch.int64), step)
+    if rows is None:
+        rows = torch.arange(seed.shape[0], device=seed.device, dtype=torch.int64)
+    return _row_key(seed, rows, step)
 
 
 def token_hash_constants(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -78,7 +78,7 @@ def _filter_value(name, value, like, low, high, *, low_open=False):
 
 def sample(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale, *, mix=None,
            normalize: bool = True, temperature=1.0, top_k=None, top_p=None, min_p=None, seed=0,
-           step=0, return_logprobs: bool = False):
+           step=0, row=None, return_logprobs: bool = False):
     """Draws one token per row from the guided distribution of `[B, V]` `cond`/`uncond` logits.
 
     The guided scores `s` are `guidance(cond, uncond, guidance_scale, mix=mix, normalize=normalize)`;
@@ -90,6 +90,8 @@ def sample(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale, *, mix=None
     tensors (distinct values draw distinct noise), and the draw is a pure function of (seed, row,
     step, token), so the same arguments give the same token on every device and path, and a step
     on CUDA never reads a value back to the host (float64 logits excepted: they take the torch path).
+    `row` (an integer or `[B]` tensor, >= 0) is the row each draw is keyed by, each row's position
+    by default: a server passes 0 so a request draws what it would alone, wherever it sits.
 
     Returns int64 token ids `[B]`, or `Sample(tokens, logprobs)` with `return_logprobs`: the
     chosen token's log-probability under the distribution it was drawn from (log-softmax of
@@ -118,12 +120,13 @@ def sample(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale, *, mix=None
     top_k = None if top_k is None else _integers("top_k", top_k, cond, low=0)
     top_p = None if top_p is None else _filter_value("top_p", top_p, cond, 0.0, 1.0, low_open=True)
     min_p = None if min_p is None else _filter_value("min_p", min_p, cond, 0.0, 1.0)
-    if _plain_int(seed) and _plain_int(step):
+    if _plain_int(seed) and _plain_int(step) and row is None:
         keys = functools.partial(rng.row_keys, _int64("seed", seed), _int64("step", step),
                                  cond.shape[0], cond.device)
     else:
         seeds, steps = _integers("seed", seed, cond, low=None), _integers("step", step, cond, low=None)
-        keys = functools.partial(rng.row_keys, seeds, steps)
+        rows = None if row is None else _integers("row", row, cond, low=0)
+        keys = functools.partial(rng.row_keys, seeds, steps, rows=rows)
     if cond.shape[0] == 0:
         dtype = torch.float64 if cond.dtype == torch.float64 else torch.float32
         out = Sample(torch.empty(0, dtype=torch.int64, device=cond.device),

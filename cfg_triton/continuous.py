@@ -1,0 +1,406 @@
+"""CFG on transformers' continuous-batching engine: a guided request is a pair of engine sequences.
+
+The engine (`transformers.generation.continuous_batching`: paged KV cache, scheduler, chunked
+prefill) runs the model; this module adds the two things CFG needs from it:
+
+* `PairScheduler`: schedules the conditional and unconditional sequences of a request all or
+  nothing. A pair's prefill may be chunked, but neither member's last prefill chunk runs without
+  the other's, so both produce logits in the same step, every step; a member whose partner is not
+  schedulable (still queued, offloaded, out of cache) waits with it.
+* `_fused_sample`, installed as the engine's sampling step: one `cfg_triton.sample` call over the
+  batch's rows with each request's own γ, α, temperature, top-k, top-p, min-p and seed; the
+  unconditional row is given its conditional row's token. Unguided requests are single sequences
+  and sample through the same call (γ = 1 on their own row).
+
+Tested with transformers 5.24 only (the `serve` extra pins it): the engine's scheduler and
+sampling step are not public API. Every private name this module touches is in `_HOOKS`; a
+transformers release that moves one fails `check_engine()` at start, not a request.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import secrets
+import threading
+from typing import AsyncIterator
+
+import torch
+
+from .ops import guidance
+from .params import GuidanceParams
+from .sampling import sample
+
+TESTED_TRANSFORMERS = "5.24"
+
+# The engine's private surface, in one place: (module, attribute path) pairs that must exist.
+_HOOKS = (
+    ("scheduler", "SCHEDULER_MAPPING"),                    # registers PairScheduler by name
+    ("scheduler", "FIFOScheduler._process_candidates"),    # overridden: pairs all or nothing
+    ("scheduler", "Scheduler._infer_request_tokens"),
+    ("scheduler", "Scheduler._schedule_request"),
+    ("scheduler", "Scheduler._try_to_meet_safety_margin"),
+    ("model_runner", "ModelRunner._sample"),               # replaced per instance: the fused draw
+    ("continuous_api", "ContinuousBatchingManager._create_batch_processor"),
+    ("continuous_api", "OutputRouter.result_handlers"),    # per-request delivery to asyncio queues
+    ("requests", "RequestState._true_initial_tokens"),     # a soft reset moves outputs into the prompt
+)
+
+
+def check_engine():
+    """Raises ImportError when transformers lacks a continuous-batching hook this module uses."""
+    import importlib
+
+    import transformers
+
+    missing = []
+    for module, path in _HOOKS:
+        owner = importlib.import_module(f"transformers.generation.continuous_batching.{module}")
+        *classes, name = path.split(".")
+        for cls in classes:
+            owner = getattr(owner, cls, None)
+        fields = getattr(owner, "__dataclass_fields__", {})
+        if name == "result_handlers" and owner is not None:
+            owner = owner()  # an instance attribute; the router takes no arguments
+        if owner is None or not (hasattr(owner, name) or name in fields):
+            missing.append(f"{module}.{path}")
+    if missing:
+        raise ImportError(f"transformers {transformers.__version__} lacks the continuous-batching "
+                          f"hooks {', '.join(missing)}; cfg-triton serve is tested with "
+                          f"transformers {TESTED_TRANSFORMERS}.* (pip install -e .[serve])")
+
+
+@dataclasses.dataclass
+class Request:
+    """One front-end request and its engine sequences (`uncond_id` None when unguided).
+
+    `logprobs`: how many top alternatives to report per token (None: no log-probabilities);
+    `token_logprobs` gets, per generated token, (its guided log-probability, [(token, logprob)]
+    of the `logprobs` best tokens), written by the engine thread before the token is delivered.
+    """
+
+    id: str
+    params: GuidanceParams
+    seed: int
+    cond_id: str
+    uncond_id: str | None
+    logprobs: int | None = None
+    token_logprobs: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Output:
+    """What a request has produced so far: every generated token, and when finished, why."""
+
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (an EOS token) or "length"
+    error: str | None = None
+
+
+def _output_length(state) -> int:
+    """Tokens a sequence has generated, also after a soft reset moved some into its prompt."""
+    moved = len(state.initial_tokens) - state._true_initial_tokens if state._true_initial_tokens else 0
+    return moved + len(state.generated_tokens)
+
+
+def _pair_chunks(lengths, budget):
+    """Query lengths for one step of a unit (one sequence or a pair) with `lengths` tokens left
+    before its next logits, within `budget` tokens; None when it cannot advance.
+
+    A pair either completes both members (both then yield logits in this step) or advances each
+    by at most its length - 1, so that neither yields logits without the other.
+    """
+    if len(lengths) == 1:
+        return [min(lengths[0], budget)] if budget > 0 else None
+    if sum(lengths) <= budget:
+        return list(lengths)
+    chunks = []
+    for length in lengths:
+        take = max(0, min(length - 1, budget))
+        chunks.append(take)
+        budget -= take
+    return chunks if any(chunks) else None
+
+
+def _scheduler_class():
+    from transformers.generation.continuous_batching.requests import FutureRequestState, RequestStatus
+    from transformers.generation.continuous_batching.scheduler import FIFOScheduler
+
+    class PairScheduler(FIFOScheduler):
+        """FIFO scheduling in units: an unguided request alone, a guided one with its partner.
+
+        `partners` (set by the engine) maps each member's request id to its partner's.
+        """
+
+        partners: dict = {}
+
+        def _units(self, candidates):
+            seen = set()
+            for state in candidates:
+                if state.request_id in seen:
+                    continue
+                seen.add(state.request_id)
+                partner_id = self.partners.get(state.request_id)
+                if partner_id is None:
+                    yield [state]
+                    continue
+                seen.add(partner_id)
+                # Look the partner up wherever it is: queued, offloaded (waiting) or active, even
+                # while new requests are blocked, or a pair split by offloading would never resume.
+                partner = self.active_requests.get(partner_id) or self.waiting_requests.get(partner_id)
+                if partner is not None:  # else: not arrived yet, or being cancelled
+                    yield [state, partner]
+
+        def _process_candidates(self, candidates, token_budget, cache_budget, remove_from_waiting):
+            scheduled, allocation_failed = [], False
+            self.starved_requests = []
+            fast_path = self.cache.max_blocks_per_request > 0
+            start_tokens, start_cache = token_budget, cache_budget
+            requests_left = self.max_requests_per_batch
+            in_margin = self._try_to_meet_safety_margin()
+            for unit in self._units(candidates):
+                if len(unit) > requests_left:
+                    continue
+                if not in_margin and scheduled and any(s.status != RequestStatus.DECODING for s in unit):
+                    break
+                tokens = [self._infer_request_tokens(s, remove_from_waiting) for s in unit]
+                chunks = _pair_chunks([len(t) for t in tokens], token_budget)
+                if chunks is None:
+                    continue
+                reads = []
+                for state, n in zip(unit, chunks):
+                    read = state.current_len()
+                    if self.cache.read_cache_limit is not None:
+                        read = min(read, self.cache.read_cache_limit)
+                    eligible = n == 1 and state.position_offset < self.cache.max_decode_fast_path_length
+                    reads.append(0 if (fast_path and eligible) or n == 0 else read)
+                if sum(reads) > cache_budget:
+                    continue
+                # All or nothing: a member whose blocks were allocated keeps them for its next turn.
+                if not all(self.cache.can_store_request_tokens(s, n) for s, n in zip(unit, chunks) if n):
+                    allocation_failed = True
+                    self.starved_requests += [(s, n) for s, n in zip(unit, chunks)
+                                              if n and s.request_id in self.active_requests]
+                    continue
+                for state, request_tokens, n in zip(unit, tokens, chunks):
+                    if n == 0:
+                        continue
+                    self._schedule_request(state, request_tokens, n, remove_from_waiting)
+                    n = len(state.tokens_to_process)
+                    fast_path &= n == 1 and state.position_offset < self.cache.max_decode_fast_path_length
+                    blocks = self.cache.count_new_complete_blocks(state, n)
+                    scheduled.append(FutureRequestState(state, not state.remaining_prefill_tokens, blocks, n))
+                    token_budget -= n
+                    requests_left -= 1
+                    if self.waiting_requests.pop(state.request_id, None) is not None:
+                        remove_from_waiting.add(state.request_id)
+                cache_budget -= sum(reads)
+                if token_budget == 0 or (cache_budget <= 0 and not fast_path) or requests_left <= 0:
+                    break
+            return (scheduled, allocation_failed, fast_path, start_tokens - token_budget,
+                    start_cache - cache_budget)
+
+    return PairScheduler
+
+
+class TransformersEngine:
+    """CFG requests served by one transformers continuous-batching engine (a background thread).
+
+    `model` is any transformers causal LM; the cache holds `num_blocks` pages of `page_size`
+    tokens; a step runs at most `max_batch_tokens` query tokens of at most `max_requests` sequences
+    (a guided request counts two). None leaves a size to transformers' defaults.
+    """
+
+    name = "transformers"
+
+    def __init__(self, model, tokenizer, *, num_blocks=None, page_size=256, max_batch_tokens=None,
+                 max_requests=None):
+        check_engine()
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+        from transformers.generation.continuous_batching import scheduler as scheduler_module
+
+        self.model, self.tokenizer = model, tokenizer
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self.eos_token_ids = set() if eos is None else set(eos if isinstance(eos, list) else [eos])
+        self.context_length = getattr(model.config, "max_position_embeddings", None)
+        scheduler_module.SCHEDULER_MAPPING["cfg_pairs"] = _scheduler_class()
+        # No logits processors (greedy config): the fused step below does all of the sampling.
+        config = GenerationConfig(do_sample=False, max_new_tokens=16, eos_token_id=sorted(self.eos_token_ids)
+                                  or None, pad_token_id=model.generation_config.pad_token_id)
+        cb = ContinuousBatchingConfig(page_size=page_size, num_blocks=num_blocks,
+                                      max_batch_tokens=max_batch_tokens,
+                                      max_requests_per_batch=max_requests, scheduler_type="cfg_pairs",
+                                      use_async_batching=False, use_cuda_graph=False,
+                                      allow_block_sharing=True)
+        self._manager = model.init_continuous_batching(generation_config=config,
+                                                       continuous_batching_config=cb)
+        self._requests: dict[str, Request] = {}  # by member id (cond and uncond)
+        self._partners: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._counter = 0
+        self.counters = {"steps": 0, "guided_tokens": 0, "unguided_tokens": 0}
+        processor = self._manager._create_batch_processor()
+        self._manager.batch_processor = processor
+        processor.scheduler.partners = self._partners
+        runner = processor.model_runner
+        runner._sample = lambda scores, output_ids: self._fused_sample(processor, scores, output_ids)
+        self._cache = processor.cache
+        from transformers.generation.continuous_batching.model_runner import infer_max_single_request_tokens
+
+        self.max_sequence_tokens = infer_max_single_request_tokens(self._cache)
+        self._manager.start()
+
+    # ------------------------------------------------------------------ front-end interface
+
+    def check_fits(self, prompt_len: int, negative_len: int | None, max_new_tokens: int):
+        """Raises ValueError when a request could never be held by this engine's KV cache."""
+        lengths = [prompt_len + max_new_tokens] + ([] if negative_len is None else
+                                                   [negative_len + max_new_tokens])
+        if max(lengths) > self.max_sequence_tokens or sum(lengths) > self.max_sequence_tokens:
+            raise ValueError(f"the request needs {sum(lengths)} KV-cache tokens (prompt"
+                             f"{' and negative prompt' if negative_len is not None else ''} plus "
+                             f"max_tokens, for each branch); this server's cache holds "
+                             f"{self.max_sequence_tokens}")
+
+    async def generate(self, prompt_ids: list[int], negative_ids: list[int] | None,
+                       params: GuidanceParams, *, logprobs: int | None = None) -> AsyncIterator[Output]:
+        """Runs one request; yields an `Output` per new token, the last with `finished` set.
+
+        `negative_ids` is the unconditional branch (None: the prompt's last token); ignored
+        when `params` is unguided. Closing the iterator early (a client gone, a stop string)
+        cancels both sequences and frees their cache.
+        """
+        request = self._register(prompt_ids, negative_ids, params, logprobs)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        router = self._manager.output_router
+        ids = [request.cond_id] + ([request.uncond_id] if request.uncond_id else [])
+        with router._lock:
+            router.result_handlers[request.cond_id] = (queue.put_nowait, loop)
+            if request.uncond_id:  # its outputs repeat cond's: dropped rather than queued
+                router.result_handlers[request.uncond_id] = (lambda output: None, loop)
+        finished = False
+        try:
+            uncond = negative_ids if negative_ids is not None else prompt_ids[-1:]
+            common = dict(max_new_tokens=params.max_new_tokens, streaming=True,
+                          eos_token_id=sorted(self.eos_token_ids) or -1)
+            self._manager.add_request(list(prompt_ids), request_id=request.cond_id, **common)
+            if request.uncond_id:
+                self._manager.add_request(list(uncond), request_id=request.uncond_id,
+                                          **{**common, "streaming": False})
+            while not finished:
+                result = await queue.get()
+                finished = result.is_finished()
+                if result.error is not None:
+                    yield Output(list(result.generated_tokens), True, None, result.error)
+                    return
+                tokens = list(result.generated_tokens)
+                reason = None
+                if finished:
+                    reason = "stop" if tokens and tokens[-1] in self.eos_token_ids else "length"
+                yield Output(tokens, finished, reason)
+        finally:
+            if not finished:
+                for member in ids:
+                    self._manager.cancel_request(member)
+            with router._lock:
+                for member in ids:
+                    router.result_handlers.pop(member, None)
+            self._forget(request)
+
+    def request(self, cond_id: str) -> Request:
+        return self._requests[cond_id]
+
+    def busy_sequences(self) -> set[str]:
+        """Ids of the engine sequences that hold KV-cache blocks (empty when idle)."""
+        return {rid for allocator in self._cache.cache_allocators.values()
+                for rid, blocks in allocator.block_table.items() if blocks}
+
+    def stop(self):
+        self._manager.stop(block=True, timeout=30)
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _register(self, prompt_ids, negative_ids, params, logprobs) -> Request:
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        with self._lock:
+            self._counter += 1
+            rid = f"cfg-{self._counter}"
+        uncond_id = f"{rid}/uncond" if params.guided else None
+        request = Request(rid, params, seed, rid, uncond_id, logprobs)
+        self._requests[rid] = request
+        if uncond_id:
+            self._requests[uncond_id] = request
+            self._partners[rid], self._partners[uncond_id] = uncond_id, rid
+        return request
+
+    def _forget(self, request):
+        for member in (request.cond_id, request.uncond_id):
+            if member:
+                self._requests.pop(member, None)
+                self._partners.pop(member, None)
+
+    def _fused_sample(self, processor, scores, output_ids):
+        """The engine's sampling step: `scores` `[1, N, V]` float32, one row per sequence that
+        yields a token this step, in `requests_in_batch` order; writes the tokens to `output_ids[0]`."""
+        states = [f.state for f in processor.inputs_and_outputs.requests_in_batch if f.has_new_token]
+        logits = scores[0]
+        row_of = {state.request_id: i for i, state in enumerate(states)}
+        groups = {}  # mix is None or not: two modes of `sample`, one call each
+        for i, state in enumerate(states):
+            request = self._requests.get(state.request_id)
+            if request is None:
+                raise RuntimeError(f"sequence {state.request_id} was not submitted through the CFG engine")
+            partner = request.uncond_id if state.request_id == request.cond_id else request.cond_id
+            if partner is not None and partner not in row_of:
+                raise RuntimeError(f"pair {request.id}: {state.request_id} yields logits without "
+                                   f"{partner} (the pair scheduler's invariant is broken)")
+            if state.request_id != request.cond_id:
+                continue  # the unconditional row takes its conditional row's token
+            j = row_of[partner] if partner is not None else i
+            groups.setdefault(request.params.mix is None, []).append((i, j, request, _output_length(state)))
+        for normalized, rows in groups.items():
+            tokens = self._draw(logits, rows, normalized)
+            for (i, j, request, _), token in zip(rows, tokens.tolist()):
+                output_ids[0, i] = token
+                output_ids[0, j] = token
+        self.counters["steps"] += 1
+        for rows in groups.values():
+            for _, _, request, _ in rows:
+                self.counters["guided_tokens" if request.uncond_id else "unguided_tokens"] += 1
+
+    def _draw(self, logits, rows, normalized):
+        """One `sample` call for `rows` [(cond row, uncond row, request, step)] of one mode."""
+        device = logits.device
+        cond = logits[[i for i, *_ in rows]]
+        uncond = logits[[j for _, j, *_ in rows]]
+        params = [r[2].params for r in rows]
+        column = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+        gamma = column([p.guidance_scale for p in params])
+        mix = None if normalized else column([p.mix for p in params])
+        filters = {}
+        if any(p.top_k for p in params):
+            filters["top_k"] = column([p.top_k or 0 for p in params], torch.int64)
+        if any(p.top_p for p in params):
+            filters["top_p"] = column([p.top_p or 1.0 for p in params])
+        if any(p.min_p for p in params):
+            filters["min_p"] = column([p.min_p or 0.0 for p in params])
+        tokens = sample(cond, uncond, gamma, mix=mix, temperature=column([p.temperature for p in params]),
+                        seed=column([r[2].seed for r in rows], torch.int64),
+                        step=column([r[3] for r in rows], torch.int64), row=0, **filters)
+        wanted = [k for k, r in enumerate(rows) if r[2].logprobs is not None]
+        if wanted:
+            # Log-probabilities of the guided distribution (before temperature and filters).
+            scores = guidance(cond[wanted], uncond[wanted], gamma[wanted],
+                              mix=None if mix is None else mix[wanted])
+            for k, lp in zip(wanted, scores):
+                request, token = rows[k][2], int(tokens[k])
+                top = []
+                if request.logprobs:
+                    values, ids = lp.topk(request.logprobs)
+                    top = list(zip(ids.tolist(), values.tolist()))
+                request.token_logprobs.append((float(lp[token]), top))
+        return tokens

@@ -1,0 +1,98 @@
+"""One request's guidance and sampling parameters, validated once for every front end (the
+transformers-engine server, the vLLM integration, anything that queues requests)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+from .processors import MAX_TEMPERATURE, MIN_TEMPERATURE
+
+# |γ| beyond this is no longer guidance but the difference of the branches alone (and the CLI's bound).
+MAX_GUIDANCE_SCALE = 1e6
+
+
+class ParamError(ValueError):
+    """A bad parameter: `param` names it (as an HTTP front end reports it), the message says why."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param} {message}")
+        self.param = param
+
+
+def _real(name, value, low, high, *, low_open=False, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ParamError(name, f"must be a finite number, got {value!r}")
+    if value > high or value < low or (low_open and value == low):
+        raise ParamError(name, f"must be in {'(' if low_open else '['}{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
+def _integer(name, value, low, high, *, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ParamError(name, f"must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ParamError(name, f"must be in [{low}, {high}], got {value}")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidanceParams:
+    """Guidance and sampling of one request, checked on construction (`ParamError` names the field).
+
+    `guidance_scale` γ and `mix` α follow `cfg_triton.sample` (`mix=None`: normalized CFG). γ = 1
+    without a mix is no guidance: such a request runs as one sequence. `temperature=0` is greedy;
+    otherwise it lies in [1e-6, 1e6]. `top_k`, `top_p`, `min_p` are off when None (and at 0, 1, 0,
+    the values clients send for "off"). `seed` keys the counter-based noise (None: the front end
+    draws one); `max_new_tokens` >= 1 bounds the completion.
+    """
+
+    guidance_scale: float = 1.0
+    mix: float | None = None
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    max_new_tokens: int = 16
+
+    def __post_init__(self):
+        fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        fix("guidance_scale", _real("guidance_scale", self.guidance_scale, -MAX_GUIDANCE_SCALE,
+                                    MAX_GUIDANCE_SCALE))
+        fix("mix", _real("mix", self.mix, 0.0, 1.0, allow_none=True))
+        temperature = _real("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
+        if 0 < temperature < MIN_TEMPERATURE:
+            raise ParamError("temperature", f"must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, "
+                                            f"{MAX_TEMPERATURE:g}], got {temperature!r}")
+        fix("temperature", temperature)
+        top_k = _integer("top_k", self.top_k, 0, 2**62, allow_none=True)
+        fix("top_k", top_k or None)
+        top_p = _real("top_p", self.top_p, 0.0, 1.0, low_open=True, allow_none=True)
+        fix("top_p", None if top_p == 1.0 else top_p)
+        min_p = _real("min_p", self.min_p, 0.0, 1.0, allow_none=True)
+        fix("min_p", min_p or None)
+        fix("seed", _integer("seed", self.seed, -(2**63), 2**63 - 1, allow_none=True))
+        fix("max_new_tokens", _integer("max_new_tokens", self.max_new_tokens, 1, 2**31 - 1))
+
+    @property
+    def guided(self) -> bool:
+        """Whether the request needs its unconditional branch."""
+        return not (self.guidance_scale == 1.0 and self.mix is None)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def generate_kwargs(self) -> dict:
+        """The matching keyword arguments of `cfg_triton.generate` (seed included when set)."""
+        kwargs = dict(guidance_scale=self.guidance_scale, mix=self.mix,
+                      max_new_tokens=self.max_new_tokens, seed=self.seed, do_sample=not self.greedy)
+        if not self.greedy:
+            kwargs.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                          min_p=self.min_p)
+        return kwargs
