@@ -24,6 +24,9 @@ setup(
         "bench": ["pytest-benchmark", "matplotlib"],
         # lm-evaluation-harness, for `cfg-triton eval` and the harness model `cfg`.
         "eval": ["lm-eval>=0.4.9"],
+        # `cfg-triton serve`: the continuous-batching engine's scheduler and sampling hooks are
+        # private, so transformers is pinned to the release they were tested with.
+        "serve": ["transformers>=5.24,<5.25", "fastapi>=0.110", "uvicorn>=0.29", "httpx", "openai>=1.0"],
     },
     entry_points={"console_scripts": ["cfg-triton=cfg_triton.cli:main"]},
 )

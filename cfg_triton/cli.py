@@ -1,5 +1,6 @@
 """The `cfg-triton` command: guided generation on a bundled or local model, streamed to the terminal,
-and guided evaluation through lm-evaluation-harness (`cfg-triton eval`)."""
+guided evaluation through lm-evaluation-harness (`cfg-triton eval`) and an OpenAI-compatible
+server (`cfg-triton serve`)."""
 from __future__ import annotations
 
 import argparse
@@ -85,6 +86,22 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--include-path", metavar="DIR", help="a folder of extra task YAML files")
     ev.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ev.add_argument("--markdown", metavar="FILE", help="also write the results table as markdown")
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible CFG server (continuous batching)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sv.add_argument("--model", default="smollm2",
+                    help="smollm2 | gemma3 (bundled), a .gguf file or a model folder")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=_number(0, 65535, kind=int), default=8000)
+    sv.add_argument("--model-name", default=None, help="the id /v1/models reports (default: --model)")
+    sv.add_argument("--page-size", type=_number(4, 1e6, kind=int), default=64,
+                    help="tokens per KV-cache page")
+    sv.add_argument("--num-blocks", type=_number(1, 1e9, kind=int), default=256,
+                    help="KV-cache pages (each guided request holds two sequences)")
+    sv.add_argument("--max-batch-tokens", type=_number(2, 1e9, kind=int), default=256,
+                    help="query tokens per engine step (longer prefills are chunked)")
+    sv.add_argument("--max-requests", type=_number(2, 1e6, kind=int), default=64,
+                    help="sequences per engine step (a guided request counts two)")
     return parser
 
 
@@ -108,7 +125,37 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "eval":
         return _eval(args, parser)
+    if args.command == "serve":
+        return _serve(args, parser)
     return _generate(args, parser)
+
+
+def _serve(args, parser) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+
+        from .continuous import TransformersEngine, check_engine
+        check_engine()
+    except ImportError as e:
+        parser.error(f"cfg-triton serve needs its extra (pip install -e .[serve]): {e}")
+    from . import models
+    from .server import create_app
+
+    try:
+        model, tokenizer = models.load(args.model)
+    except (OSError, ValueError) as e:
+        parser.error(f"argument --model: cannot load {args.model!r}: {str(e).splitlines()[0]}")
+    engine = TransformersEngine(model, tokenizer, num_blocks=args.num_blocks, page_size=args.page_size,
+                                max_batch_tokens=args.max_batch_tokens, max_requests=args.max_requests)
+    print(f"cfg-triton serve: {args.model} on http://{args.host}:{args.port}/v1 "
+          f"(KV cache: {engine.max_sequence_tokens} tokens)", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(create_app(engine, args.model_name or args.model), host=args.host, port=args.port,
+                    log_level="warning")
+    finally:
+        engine.stop()
+    return 0
 
 
 def _eval(args, parser) -> int:

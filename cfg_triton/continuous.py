@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import secrets
 import threading
 from typing import AsyncIterator
@@ -31,6 +32,11 @@ from .params import GuidanceParams
 from .sampling import sample
 
 TESTED_TRANSFORMERS = "5.24"
+log = logging.getLogger("cfg_triton.serve")
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine's thread has stopped (shut down, or a fatal error): no request can run."""
 
 # The engine's private surface, in one place: (module, attribute path) pairs that must exist.
 _HOOKS = (
@@ -89,12 +95,17 @@ class Request:
 
 @dataclasses.dataclass
 class Output:
-    """What a request has produced so far: every generated token, and when finished, why."""
+    """What a request has produced so far: every generated token, and when finished, why.
+
+    `logprobs` (when asked for) has one (guided log-probability, [(token, logprob)] of the top
+    alternatives) per token of `token_ids`.
+    """
 
     token_ids: list[int]
     finished: bool = False
     finish_reason: str | None = None  # "stop" (an EOS token) or "length"
     error: str | None = None
+    logprobs: list | None = None
 
 
 def _output_length(state) -> int:
@@ -241,7 +252,7 @@ class TransformersEngine:
         self._partners: dict[str, str] = {}
         self._lock = threading.Lock()
         self._counter = 0
-        self.counters = {"steps": 0, "guided_tokens": 0, "unguided_tokens": 0}
+        self.counters = {"steps": 0, "guided_tokens": 0, "unguided_tokens": 0, "degraded_tokens": 0}
         processor = self._manager._create_batch_processor()
         self._manager.batch_processor = processor
         processor.scheduler.partners = self._partners
@@ -287,10 +298,12 @@ class TransformersEngine:
             uncond = negative_ids if negative_ids is not None else prompt_ids[-1:]
             common = dict(max_new_tokens=params.max_new_tokens, streaming=True,
                           eos_token_id=sorted(self.eos_token_ids) or -1)
-            self._manager.add_request(list(prompt_ids), request_id=request.cond_id, **common)
+            added = [self._manager.add_request(list(prompt_ids), request_id=request.cond_id, **common)]
             if request.uncond_id:
-                self._manager.add_request(list(uncond), request_id=request.uncond_id,
-                                          **{**common, "streaming": False})
+                added.append(self._manager.add_request(list(uncond), request_id=request.uncond_id,
+                                                       **{**common, "streaming": False}))
+            if None in added or not self._manager.is_running():
+                raise EngineUnavailable("the engine is not running")
             while not finished:
                 result = await queue.get()
                 finished = result.is_finished()
@@ -301,7 +314,8 @@ class TransformersEngine:
                 reason = None
                 if finished:
                     reason = "stop" if tokens and tokens[-1] in self.eos_token_ids else "length"
-                yield Output(tokens, finished, reason)
+                lps = None if logprobs is None else request.token_logprobs[: len(tokens)]
+                yield Output(tokens, finished, reason, logprobs=lps)
         finally:
             if not finished:
                 for member in ids:
@@ -311,13 +325,13 @@ class TransformersEngine:
                     router.result_handlers.pop(member, None)
             self._forget(request)
 
-    def request(self, cond_id: str) -> Request:
-        return self._requests[cond_id]
-
     def busy_sequences(self) -> set[str]:
         """Ids of the engine sequences that hold KV-cache blocks (empty when idle)."""
         return {rid for allocator in self._cache.cache_allocators.values()
                 for rid, blocks in allocator.block_table.items() if blocks}
+
+    def running(self) -> bool:
+        return self._manager.is_running()
 
     def stop(self):
         self._manager.stop(block=True, timeout=30)
@@ -352,15 +366,20 @@ class TransformersEngine:
         groups = {}  # mix is None or not: two modes of `sample`, one call each
         for i, state in enumerate(states):
             request = self._requests.get(state.request_id)
-            if request is None:
-                raise RuntimeError(f"sequence {state.request_id} was not submitted through the CFG engine")
-            partner = request.uncond_id if state.request_id == request.cond_id else request.cond_id
-            if partner is not None and partner not in row_of:
-                raise RuntimeError(f"pair {request.id}: {state.request_id} yields logits without "
-                                   f"{partner} (the pair scheduler's invariant is broken)")
+            if request is None:  # cancelled since this step was scheduled: any token will do
+                output_ids[0, i] = 0
+                continue
             if state.request_id != request.cond_id:
+                if request.cond_id not in row_of:
+                    self._degraded(request, "its unconditional sequence yields logits alone")
+                    output_ids[0, i] = 0
                 continue  # the unconditional row takes its conditional row's token
-            j = row_of[partner] if partner is not None else i
+            j = i
+            if request.uncond_id is not None:
+                if request.uncond_id in row_of:
+                    j = row_of[request.uncond_id]
+                else:
+                    self._degraded(request, "its conditional sequence yields logits alone")
             groups.setdefault(request.params.mix is None, []).append((i, j, request, _output_length(state)))
         for normalized, rows in groups.items():
             tokens = self._draw(logits, rows, normalized)
@@ -371,6 +390,12 @@ class TransformersEngine:
         for rows in groups.values():
             for _, _, request, _ in rows:
                 self.counters["guided_tokens" if request.uncond_id else "unguided_tokens"] += 1
+
+    def _degraded(self, request, why):
+        # The pair scheduler never lets this happen; if it does, the token is drawn unguided
+        # (uncond := cond) rather than failing every request in the engine, and it is counted.
+        self.counters["degraded_tokens"] += 1
+        log.error("request %s: %s (drawn without guidance this step)", request.id, why)
 
     def _draw(self, logits, rows, normalized):
         """One `sample` call for `rows` [(cond row, uncond row, request, step)] of one mode."""
@@ -395,7 +420,7 @@ class TransformersEngine:
         if wanted:
             # Log-probabilities of the guided distribution (before temperature and filters).
             scores = guidance(cond[wanted], uncond[wanted], gamma[wanted],
-                              mix=None if mix is None else mix[wanted])
+                              mix=None if mix is None else mix[wanted]).log_softmax(-1)
             for k, lp in zip(wanted, scores):
                 request, token = rows[k][2], int(tokens[k])
                 top = []
