@@ -374,12 +374,12 @@ def test_load_sixteen_streams_then_cancel_half(smollm2, server, engine):
     prompts = [f"{w} is a word that" for w in ("Ocean", "Mountain", "River", "Forest", "Desert", "City",
                                              "Garden", "Winter", "Summer", "Music", "Light", "Stone",
                                              "Cloud", "Bridge", "Market", "Letter")]
-    params = GuidanceParams(guidance_scale=1.5, max_new_tokens=16)
+    params = GuidanceParams(guidance_scale=1.5, max_new_tokens=12)
     expected = [tok.decode(reference(model, tok(p).input_ids, None, params), skip_special_tokens=True)
                 for p in prompts]
 
     async def stream(client, prompt, hang_up_after=None):
-        body = {"prompt": prompt, "max_tokens": 16, "temperature": 0, "guidance_scale": 1.5, "stream": True}
+        body = {"prompt": prompt, "max_tokens": 12, "temperature": 0, "guidance_scale": 1.5, "stream": True}
         text, events = "", 0
         async with client.stream("POST", server + "/v1/completions", json=body) as r:
             assert r.status_code == 200
