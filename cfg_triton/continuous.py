@@ -38,7 +38,7 @@ log = logging.getLogger("cfg_triton.serve")
 class EngineUnavailable(RuntimeError):
     """The engine's thread has stopped (shut down, or a fatal error): no request can run."""
 
-# The engine's private surface, in one place: (module, attribute path) pairs that must exist.
+# The engine's private surface, in one place. Names `check_engine()` can verify on the classes:
 _HOOKS = (
     ("scheduler", "SCHEDULER_MAPPING"),                    # registers PairScheduler by name
     ("scheduler", "FIFOScheduler._process_candidates"),    # overridden: pairs all or nothing
@@ -46,10 +46,14 @@ _HOOKS = (
     ("scheduler", "Scheduler._schedule_request"),
     ("scheduler", "Scheduler._try_to_meet_safety_margin"),
     ("model_runner", "ModelRunner._sample"),               # replaced per instance: the fused draw
+    ("model_runner", "infer_max_single_request_tokens"),   # the longest request the cache holds
     ("continuous_api", "ContinuousBatchingManager._create_batch_processor"),
-    ("continuous_api", "OutputRouter.result_handlers"),    # per-request delivery to asyncio queues
     ("requests", "RequestState._true_initial_tokens"),     # a soft reset moves outputs into the prompt
 )
+# ... and instance attributes, exercised by every request of tests/test_serve.py: the manager's
+# `batch_processor` and `output_router` (its `result_handlers` and `_lock`: per-request delivery to
+# asyncio queues), the processor's `scheduler`, `model_runner`, `cache` and
+# `inputs_and_outputs.requests_in_batch` (the rows of a step), the cache allocators' `block_table`.
 
 
 def check_engine():
@@ -64,10 +68,7 @@ def check_engine():
         *classes, name = path.split(".")
         for cls in classes:
             owner = getattr(owner, cls, None)
-        fields = getattr(owner, "__dataclass_fields__", {})
-        if name == "result_handlers" and owner is not None:
-            owner = owner()  # an instance attribute; the router takes no arguments
-        if owner is None or not (hasattr(owner, name) or name in fields):
+        if owner is None or not (hasattr(owner, name) or name in getattr(owner, "__dataclass_fields__", {})):
             missing.append(f"{module}.{path}")
     if missing:
         raise ImportError(f"transformers {transformers.__version__} lacks the continuous-batching "
@@ -230,6 +231,7 @@ class TransformersEngine:
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
         from transformers.generation.continuous_batching import scheduler as scheduler_module
+        from transformers.generation.continuous_batching.model_runner import infer_max_single_request_tokens
 
         self.model, self.tokenizer = model, tokenizer
         eos = model.generation_config.eos_token_id
@@ -259,8 +261,6 @@ class TransformersEngine:
         runner = processor.model_runner
         runner._sample = lambda scores, output_ids: self._fused_sample(processor, scores, output_ids)
         self._cache = processor.cache
-        from transformers.generation.continuous_batching.model_runner import infer_max_single_request_tokens
-
         self.max_sequence_tokens = infer_max_single_request_tokens(self._cache)
         self._manager.start()
 

@@ -468,3 +468,16 @@ def test_the_hottest_temperature_draws_uniformly(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         few = dict(temperature=MAX_T, seed=torch.arange(32), step=0)
         assert torch.equal(cfg_triton.sample(cond[:32], uncond[:32], 1.5, **few), tokens[:32])
+
+
+def test_row_keys_a_draw_wherever_it_sits():
+    """`row=0` draws each row what it would draw alone, whatever its position in the batch."""
+    torch.manual_seed(3)
+    cond, uncond = torch.randn(4, 300) * 3, torch.randn(4, 300) * 3
+    seeds, steps = torch.tensor([5, 6, 7, 8]), torch.tensor([0, 3, 1, 9])
+    together = cfg_triton.sample(cond, uncond, 1.5, temperature=1.0, seed=seeds, step=steps, row=0)
+    alone = [int(cfg_triton.sample(cond[i:i + 1], uncond[i:i + 1], 1.5, temperature=1.0, seed=int(seeds[i]),
+                                   step=int(steps[i]))) for i in range(4)]
+    assert together.tolist() == alone
+    by_position = cfg_triton.sample(cond, uncond, 1.5, temperature=1.0, seed=seeds, step=steps)
+    assert by_position[0] == together[0] and by_position.tolist() != together.tolist()

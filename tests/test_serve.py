@@ -116,6 +116,30 @@ def test_pair_chunks_never_finish_one_member_alone():
                 assert (chunks[0] == a) == (chunks[1] == b), (a, b, budget, chunks)
 
 
+def test_check_engine_names_a_missing_hook(monkeypatch):
+    from cfg_triton import continuous
+
+    continuous.check_engine()  # this transformers has every hook
+    monkeypatch.setattr(continuous, "_HOOKS", continuous._HOOKS + (("scheduler", "Scheduler._gone"),))
+    with pytest.raises(ImportError, match="scheduler.Scheduler._gone"):
+        continuous.check_engine()
+
+
+def test_text_stream_holds_back_what_may_change():
+    from cfg_triton.server import TextStream
+
+    class Chars:  # token i decodes to chr(i); 0xFFFD stands for an incomplete character
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(map(chr, ids))
+
+    stream = TextStream(Chars(), ["END", "\n\n"])
+    deltas = [stream.update([ord(c) for c in text]) for text in ("ab", "abE", "abEN", "abENx", "abENx\n")]
+    assert deltas == ["ab", "", "", "ENx", ""] and not stream.stopped
+    assert stream.update([ord(c) for c in "abENx\nyEND tail"]) == "\ny" and stream.stopped
+    stream = TextStream(Chars(), [])
+    assert stream.update([ord("a"), 0xFFFD]) == "a" and stream.update([ord("a"), 0xFFFD], final=True) == "\ufffd"
+
+
 def test_guidance_params_validate_once():
     p = GuidanceParams(guidance_scale=1.5, top_k=0, top_p=1.0, min_p=0.0)
     assert (p.top_k, p.top_p, p.min_p, p.guided, p.greedy) == (None, None, None, True, True)
