@@ -172,3 +172,18 @@ def test_gpu_summary_sets_the_static_prediction_beside_each_point():
     assert gpu.predicted_x_floor(results, "none", "bfloat16") == pytest.approx(1.25)
     assert gpu.predicted_x_floor(results, "top_p", "bfloat16") is None
     assert gpu.predicted_op_fraction({}, "normalized", "bfloat16") is None
+
+
+def test_serve_summary_tabulates_and_holds_the_targets():
+    import serve
+
+    def point(impl, streams, tokens_per_s, ttft):
+        return {"extra_info": {"impl": impl, "streams": streams, "tokens_per_s": tokens_per_s,
+                               "ttft_mean": ttft}}
+
+    raw = {"machine_info": {"cfg_triton": {"name": "cpu", "cores": 2, "torch": "x", "threads": 2}},
+           "benchmarks": [point(i, s, rate * s, 0.1 * s) for s in (1, 16)
+                          for i, rate in (("guided", 6.0), ("unguided", 10.0), ("per-request", 1.0))]}
+    text = serve.summary(raw, "label")
+    assert "| 16 | 96 | 1.60 s | 160 | 1.60 s | 16 | 1.60 s |" in text
+    assert "guided / unguided 0.60x (target >= 0.45x), guided / per-request 6.00x (target >= 3x)" in text
