@@ -208,6 +208,22 @@ def test_pairs_survive_cache_exhaustion(smollm2, requests):
         eng.stop()
 
 
+@pytest.mark.slow
+def test_gemma3_sliding_window_parity(gemma3):
+    """Gemma 3 (sliding-window layers: the engine's varlen path only; vocabulary 262,144)."""
+    model, tok = gemma3
+    eng = TransformersEngine(model, tok, page_size=16, num_blocks=64, max_batch_tokens=24, max_requests=16)
+    try:
+        params = GuidanceParams(guidance_scale=1.5, max_new_tokens=12)
+        reqs = [(tok(PROMPTS[0]).input_ids, None, params),
+                (tok(PROMPTS[1]).input_ids, tok(NEGATIVES[1], add_special_tokens=False).input_ids, params)]
+        expected = [reference(model, *r) for r in reqs]
+        assert [o.token_ids for o in asyncio.run(_run(eng, reqs))] == expected
+        assert eng.counters["degraded_tokens"] == 0
+    finally:
+        eng.stop()
+
+
 # ---------------------------------------------------------------------------------- HTTP
 
 def _free_port():
