@@ -30,13 +30,11 @@ import torch
 from .ops import guidance
 from .params import GuidanceParams
 from .sampling import sample
+from .server import EngineUnavailable
 
 TESTED_TRANSFORMERS = "5.24"
 log = logging.getLogger("cfg_triton.serve")
 
-
-class EngineUnavailable(RuntimeError):
-    """The engine's thread has stopped (shut down, or a fatal error): no request can run."""
 
 # The engine's private surface, in one place. Names `check_engine()` can verify on the classes:
 _HOOKS = (

@@ -6,7 +6,8 @@ SillyTavern calls (`GET /v1/internal/model/info`, `POST /v1/internal/encode`, `.
 `.../token-count`). Request bodies are read as plain JSON: unknown fields are ignored (clients send
 dozens of sampler fields), known ones are type- and range-checked, and every bad request gets a 400
 in OpenAI's error shape. The engine behind it is anything with `TransformersEngine`'s interface:
-`tokenizer`, `context_length`, `eos_token_ids`, `check_fits(...)` and `generate(...)`.
+`tokenizer`, `context_length`, `counters`, `running()`, `check_fits(...)` and `generate(...)`
+(which raises `EngineUnavailable` when it cannot run a request).
 """
 
 import json
@@ -26,6 +27,10 @@ _IGNORED_SAMPLERS = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "prese
                      "encoder_repetition_penalty": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 256}
 MAX_LOGPROBS = 20
+
+
+class EngineUnavailable(RuntimeError):
+    """Raised by an engine's `generate` when it cannot run requests (stopped, or a fatal error)."""
 
 
 class BadRequest(Exception):
@@ -106,10 +111,12 @@ class ParsedRequest:
         top_p = _number(body, "top_p")
         seed = _get(body, "seed", (int,))
         max_tokens = None
-        for name in ("max_tokens", "max_completion_tokens", "max_new_tokens"):
-            max_tokens = _get(body, name, (int,)) if max_tokens is None else max_tokens
-            if max_tokens is not None and max_tokens < 1:
-                raise BadRequest(f"{name} must be >= 1, got {max_tokens}", name)
+        for name in ("max_tokens", "max_completion_tokens", "max_new_tokens"):  # the first given
+            max_tokens = _get(body, name, (int,))
+            if max_tokens is not None:
+                if max_tokens < 1:
+                    raise BadRequest(f"{name} must be >= 1, got {max_tokens}", name)
+                break
         prompt_len = len(self.prompt_ids)
         context = engine.context_length
         if max_tokens is None:
@@ -122,14 +129,15 @@ class ParsedRequest:
                 top_k=None if top_k is None or top_k < 0 else top_k, top_p=top_p,
                 min_p=_number(body, "min_p"), seed=None if seed is None or seed < 0 else seed,
                 max_new_tokens=max_tokens)
-        except ParamError as e:
-            raise BadRequest(str(e), e.param) from None
+        except ParamError as e:  # named as the request names it
+            field = {"mix": "guidance_mix", "max_new_tokens": "max_tokens"}.get(e.param, e.param)
+            raise BadRequest(str(e).replace(e.param, field, 1), field) from None
+        if not self.params.guided:  # γ = 1 without a mix: one sequence, the negative prompt unused
+            self.negative_ids = None
         longest = max(prompt_len, len(self.negative_ids or []))
         if context and longest + max_tokens > context:
             raise BadRequest(f"the prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds "
                              f"the model's context of {context} tokens", "max_tokens")
-        if not self.params.guided:
-            self.negative_ids = None
         try:
             engine.check_fits(prompt_len, None if not self.params.guided else
                               len(self.negative_ids or self.prompt_ids[-1:]), max_tokens)
@@ -238,13 +246,6 @@ def create_app(engine, model_name: str):
     async def bad_request(_, e: BadRequest):
         return JSONResponse(e.body(), status_code=e.status)
 
-    @app.exception_handler(RuntimeError)
-    async def unavailable(_, e: RuntimeError):
-        if type(e).__name__ != "EngineUnavailable":
-            return await internal(_, e)
-        return JSONResponse({"error": {"message": str(e), "type": "server_error", "param": None,
-                                       "code": "engine_unavailable"}}, status_code=503)
-
     @app.exception_handler(Exception)
     async def internal(_, e: Exception):
         log.exception("request failed")
@@ -293,8 +294,9 @@ def create_app(engine, model_name: str):
     async def decode(request: Request):
         body = await json_body(request)
         tokens = body.get("tokens") if isinstance(body, dict) else None
-        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
-            raise BadRequest("tokens must be a list of integers", "tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                   and 0 <= t < len(tokenizer) for t in tokens):
+            raise BadRequest(f"tokens must be a list of token ids in [0, {len(tokenizer)})", "tokens")
         return {"text": tokenizer.decode(tokens)}
 
     @app.post("/v1/completions")
@@ -305,18 +307,29 @@ def create_app(engine, model_name: str):
     async def chat_completions(request: Request):
         return await _respond(ParsedRequest(await json_body(request), "chat", engine), request)
 
+    def server_error(message, status=500, code=None):
+        return JSONResponse({"error": {"message": message, "type": "server_error", "param": None,
+                                       "code": code}}, status_code=status)
+
     async def _respond(parsed: ParsedRequest, request: Request):
+        if not engine.running():  # before a stream opens: its status can still say so
+            return server_error("the engine is not running", 503, "engine_unavailable")
         shape = _Shape(parsed, model_name, tokenizer)
         outputs = engine.generate(parsed.prompt_ids, parsed.negative_ids, parsed.params,
                                   logprobs=parsed.logprobs)
         if not parsed.stream:
             text = TextStream(tokenizer, parsed.stops)
             final = None
-            async with _closing(outputs):
-                async for final in outputs:
-                    text.update(final.token_ids, final.finished)
-                    if text.stopped:
-                        break
+            try:
+                async with _closing(outputs):
+                    async for final in outputs:
+                        text.update(final.token_ids, final.finished)
+                        if text.stopped:
+                            break
+            except EngineUnavailable as e:  # stopped since the check above
+                return server_error(str(e), 503, "engine_unavailable")
+            if final is not None and final.error is not None:
+                return server_error(f"generation failed: {final.error}")
             return shape.whole(text.sent, final, text.stopped)
 
         async def events():

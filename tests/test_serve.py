@@ -368,7 +368,8 @@ def test_stop_strings_cut_and_cancel(smollm2, server, engine):
 @pytest.mark.parametrize("body, param", [
     ({"prompt": "x", "guidance_scale": "big"}, "guidance_scale"),
     ({"prompt": "x", "guidance_scale": float("1e7")}, "guidance_scale"),
-    ({"prompt": "x", "guidance_mix": 2}, "mix"),
+    ({"prompt": "x", "guidance_mix": 2}, "guidance_mix"),
+    ({"prompt": "x", "max_new_tokens": -3}, "max_new_tokens"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": [1, -5]}, "prompt"),
@@ -403,6 +404,28 @@ def test_bad_bodies_and_chat_errors(server):
         r = httpx.post(server + "/v1/chat/completions", json={"messages": messages}, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     assert httpx.post(server + "/v1/internal/encode", json={"txt": 1}, timeout=30).status_code == 400
+
+
+def test_stopped_engine_answers_503(smollm2):
+    from fastapi.testclient import TestClient
+
+    from cfg_triton.server import create_app
+
+    class Stopped:  # the interface create_app needs, of an engine whose thread has ended
+        tokenizer, context_length, counters = smollm2[1], 8192, {"steps": 0}
+
+        def running(self):
+            return False
+
+        def check_fits(self, *args):
+            pass
+
+    client = TestClient(create_app(Stopped(), "m"))
+    assert client.get("/health").status_code == 503
+    for stream in (False, True):
+        r = client.post("/v1/completions", json={"prompt": "x", "stream": stream})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+    assert client.post("/v1/internal/decode", json={"tokens": [-1]}).status_code == 400
 
 
 def test_load_sixteen_streams_then_cancel_half(smollm2, server, engine):
