@@ -7,14 +7,11 @@ of the three calls, median ± IQR, and the two ratios the drop-in is held to.
 """
 from __future__ import annotations
 
-import argparse
+import os
 import sys
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import report  # noqa: E402
 import run  # noqa: E402
 
 
@@ -38,17 +35,7 @@ def summary(raw: dict, label: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("label")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args(argv)
-    raw = run.run_pytest_benchmark(["test_dropin_bench.py"], [])
-    text = summary(raw, args.label)
-    out = args.out or HERE / "results" / f"dropin-{report.machine_tag(raw['machine_info']['cfg_triton'])}.txt"
-    with open(out, "a", encoding="utf-8") as f:
-        f.write(("\n" if out.exists() and out.stat().st_size else "") + text)
-    print(text, end="")
-    return 0
+    return run.append_summary(argv, __doc__.splitlines()[0], "test_dropin_bench.py", summary, "dropin-{machine}.txt")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,23 @@ def run_pytest_benchmark(files, extra) -> dict:
         return json.loads(out.read_text())
 
 
+def append_summary(argv, description, bench_file, summary, name) -> int:
+    """The command of a single-file benchmark (`bench/dropin.py`, `bench/serve.py`): runs
+    `bench_file`, appends `summary(raw, LABEL)` to `--out` (default `results/<name with the
+    machine>`) and prints it."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("label")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    raw = run_pytest_benchmark([bench_file], [])
+    text = summary(raw, args.label)
+    out = args.out or HERE / "results" / name.format(machine=report.machine_tag(raw["machine_info"]["cfg_triton"]))
+    with open(out, "a", encoding="utf-8") as f:
+        f.write(("\n" if out.exists() and out.stat().st_size else "") + text)
+    print(text, end="")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(FILES), action="append",

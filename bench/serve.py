@@ -8,14 +8,11 @@ concurrent streams, with the two ratios the server is held to at 16 streams.
 """
 from __future__ import annotations
 
-import argparse
+import os
 import sys
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import report  # noqa: E402
 import run  # noqa: E402
 
 
@@ -47,17 +44,7 @@ def summary(raw: dict, label: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("label")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args(argv)
-    raw = run.run_pytest_benchmark(["test_serve_bench.py"], [])
-    text = summary(raw, args.label)
-    out = args.out or HERE / "results" / f"serve-{report.machine_tag(raw['machine_info']['cfg_triton'])}.md"
-    with open(out, "a", encoding="utf-8") as f:
-        f.write(("\n" if out.exists() and out.stat().st_size else "") + text)
-    print(text, end="")
-    return 0
+    return run.append_summary(argv, __doc__.splitlines()[0], "test_serve_bench.py", summary, "serve-{machine}.md")
 
 
 if __name__ == "__main__":

@@ -187,3 +187,19 @@ def test_serve_summary_tabulates_and_holds_the_targets():
     text = serve.summary(raw, "label")
     assert "| 16 | 96 | 1.60 s | 160 | 1.60 s | 16 | 1.60 s |" in text
     assert "guided / unguided 0.60x (target >= 0.45x), guided / per-request 6.00x (target >= 3x)" in text
+
+
+def test_single_file_benchmarks_append_their_summary(tmp_path, monkeypatch):
+    machine = {"name": "Some CPU", "device": "cpu"}
+    monkeypatch.setattr(run, "run_pytest_benchmark", lambda files, extra: {
+        "machine_info": {"cfg_triton": machine}, "files": files})
+    monkeypatch.setattr(run, "HERE", tmp_path)
+    (tmp_path / "results").mkdir()
+    summary = lambda raw, label: f"{label}: {raw['files']}\n"  # noqa: E731
+    for label in ("one", "two"):
+        assert run.append_summary([label], "d", "test_x_bench.py", summary, "x-{machine}.md") == 0
+    assert (tmp_path / "results" / "x-cpu-some-cpu.md").read_text() == \
+        "one: ['test_x_bench.py']\n\ntwo: ['test_x_bench.py']\n"
+    out = tmp_path / "elsewhere.md"
+    run.append_summary(["three", "--out", str(out)], "d", "test_x_bench.py", summary, "x-{machine}.md")
+    assert out.read_text() == "three: ['test_x_bench.py']\n"
