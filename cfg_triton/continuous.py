@@ -83,10 +83,9 @@ class Request:
     of the `logprobs` best tokens), written by the engine thread before the token is delivered.
     """
 
-    id: str
     params: GuidanceParams
     seed: int
-    cond_id: str
+    cond_id: str  # also the request's id
     uncond_id: str | None
     logprobs: int | None = None
     token_logprobs: list = dataclasses.field(default_factory=list)
@@ -221,8 +220,6 @@ class TransformersEngine:
     (a guided request counts two). None leaves a size to transformers' defaults.
     """
 
-    name = "transformers"
-
     def __init__(self, model, tokenizer, *, num_blocks=None, page_size=256, max_batch_tokens=None,
                  max_requests=None):
         check_engine()
@@ -264,13 +261,20 @@ class TransformersEngine:
 
     # ------------------------------------------------------------------ front-end interface
 
-    def check_fits(self, prompt_len: int, negative_len: int | None, max_new_tokens: int):
+    @staticmethod
+    def _branches(prompt_ids, negative_ids, params) -> list[list[int]]:
+        """The token ids of a request's engine sequences: the prompt, and when guided the negative
+        prompt (None: the prompt's last token, as transformers and text-generation-webui do)."""
+        if not params.guided:
+            return [list(prompt_ids)]
+        return [list(prompt_ids), list(negative_ids if negative_ids is not None else prompt_ids[-1:])]
+
+    def check_fits(self, prompt_ids, negative_ids, params: GuidanceParams):
         """Raises ValueError when a request could never be held by this engine's KV cache."""
-        lengths = [prompt_len + max_new_tokens] + ([] if negative_len is None else
-                                                   [negative_len + max_new_tokens])
-        if max(lengths) > self.max_sequence_tokens or sum(lengths) > self.max_sequence_tokens:
+        lengths = [len(ids) + params.max_new_tokens for ids in self._branches(prompt_ids, negative_ids, params)]
+        if sum(lengths) > self.max_sequence_tokens:
             raise ValueError(f"the request needs {sum(lengths)} KV-cache tokens (prompt"
-                             f"{' and negative prompt' if negative_len is not None else ''} plus "
+                             f"{' and negative prompt' if len(lengths) > 1 else ''} plus "
                              f"max_tokens, for each branch); this server's cache holds "
                              f"{self.max_sequence_tokens}")
 
@@ -286,20 +290,17 @@ class TransformersEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         router = self._manager.output_router
-        ids = [request.cond_id] + ([request.uncond_id] if request.uncond_id else [])
+        members = [request.cond_id] + ([request.uncond_id] if request.uncond_id else [])
         with router._lock:
             router.result_handlers[request.cond_id] = (queue.put_nowait, loop)
             if request.uncond_id:  # its outputs repeat cond's: dropped rather than queued
                 router.result_handlers[request.uncond_id] = (lambda output: None, loop)
         finished = False
         try:
-            uncond = negative_ids if negative_ids is not None else prompt_ids[-1:]
-            common = dict(max_new_tokens=params.max_new_tokens, streaming=True,
-                          eos_token_id=sorted(self.eos_token_ids) or -1)
-            added = [self._manager.add_request(list(prompt_ids), request_id=request.cond_id, **common)]
-            if request.uncond_id:
-                added.append(self._manager.add_request(list(uncond), request_id=request.uncond_id,
-                                                       **{**common, "streaming": False}))
+            common = dict(max_new_tokens=params.max_new_tokens, eos_token_id=sorted(self.eos_token_ids) or -1)
+            added = [self._manager.add_request(ids, request_id=member, streaming=member == request.cond_id,
+                                               **common)
+                     for ids, member in zip(self._branches(prompt_ids, negative_ids, params), members)]
             if None in added or not self._manager.is_running():
                 raise EngineUnavailable("the engine is not running")
             while not finished:
@@ -316,10 +317,10 @@ class TransformersEngine:
                 yield Output(tokens, finished, reason, logprobs=lps)
         finally:
             if not finished:
-                for member in ids:
+                for member in members:
                     self._manager.cancel_request(member)
             with router._lock:
-                for member in ids:
+                for member in members:
                     router.result_handlers.pop(member, None)
             self._forget(request)
 
@@ -342,7 +343,7 @@ class TransformersEngine:
             self._counter += 1
             rid = f"cfg-{self._counter}"
         uncond_id = f"{rid}/uncond" if params.guided else None
-        request = Request(rid, params, seed, rid, uncond_id, logprobs)
+        request = Request(params, seed, rid, uncond_id, logprobs)
         self._requests[rid] = request
         if uncond_id:
             self._requests[uncond_id] = request
@@ -393,7 +394,7 @@ class TransformersEngine:
         # The pair scheduler never lets this happen; if it does, the token is drawn unguided
         # (uncond := cond) rather than failing every request in the engine, and it is counted.
         self.counters["degraded_tokens"] += 1
-        log.error("request %s: %s (drawn without guidance this step)", request.id, why)
+        log.error("request %s: %s (drawn without guidance this step)", request.cond_id, why)
 
     def _draw(self, logits, rows, normalized):
         """One `sample` call for `rows` [(cond row, uncond row, request, step)] of one mode."""

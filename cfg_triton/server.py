@@ -139,8 +139,7 @@ class ParsedRequest:
             raise BadRequest(f"the prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds "
                              f"the model's context of {context} tokens", "max_tokens")
         try:
-            engine.check_fits(prompt_len, None if not self.params.guided else
-                              len(self.negative_ids or self.prompt_ids[-1:]), max_tokens)
+            engine.check_fits(self.prompt_ids, self.negative_ids, self.params)
         except ValueError as e:
             raise BadRequest(str(e), "max_tokens") from None
         ignored = {k: body[k] for k, neutral in _IGNORED_SAMPLERS.items()
