@@ -1,0 +1,567 @@
+"""CFG on vLLM without a fork: a guided request is a pair of engine requests kept in lockstep.
+
+Three pieces, all on vLLM's v1 engine:
+
+* `GuidanceProcessor`, a logits processor: finds the pairs among the batch rows (tagged through
+  `SamplingParams.extra_args[TAG]`), draws each pair's token with `cfg_triton.sample` on the
+  pair's two rows (γ, α, temperature, top-k, top-p, min-p, and noise keyed by the request's seed
+  and step, so a re-added request draws the same), and forces it into both rows (0 at the token,
+  -inf elsewhere; both requests run greedy in vLLM, so vLLM's sampler takes it).
+* `PairScheduler`, a `Scheduler` subclass: admits both requests of a pair or neither, never lets
+  one member's last prefill chunk (the step that samples) run without the other's, schedules a
+  pair's decodes together, and preempts and resumes pairs together. Without it a pair that is
+  prefilled in different steps stays one step apart for the whole generation (unguided).
+* `generate(llm, prompts, ...)`: the offline front end, and `VllmEngine`: the async engine behind
+  `cfg-triton serve --engine vllm`.
+
+Tested with vLLM 0.32 only (the `vllm` extra pins it) on its v1 model runner
+(`VLLM_USE_V2_MODEL_RUNNER=0`, set by `engine_args`): the scheduler's internals are not public
+API. Every private name used is in `_HOOKS`; `check_vllm()` fails at start when one is missing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets
+import threading
+import time
+import uuid
+
+import torch
+
+from .params import GuidanceParams
+from .sampling import sample
+
+TESTED_VLLM = "0.32"
+TAG = "cfg_triton"  # the key of SamplingParams.extra_args that marks a pair member
+log = logging.getLogger("cfg_triton.vllm")
+
+# vLLM's private surface, in one place (checked by check_vllm()):
+_HOOKS = (
+    ("vllm.v1.core.sched.scheduler", "Scheduler.schedule"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler._reserve_prefill_lookahead"),  # the per-request gate
+    ("vllm.v1.core.sched.scheduler", "Scheduler._update_after_schedule"),      # the repair pass
+    ("vllm.v1.core.sched.scheduler", "Scheduler._preempt_request"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.add_request"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.finish_requests"),
+    ("vllm.v1.sample.logits_processor", "LogitsProcessor.update_state"),
+    ("vllm.v1.sample.logits_processor", "BatchUpdate"),
+)
+# ... and attributes of the scheduler: `running`, `waiting` (peek/prepend), `requests`,
+# `kv_cache_manager.free`, `reset_preempted_req_ids` (the set this step's output carries),
+# `prev_step_scheduled_req_ids`, `max_num_scheduled_tokens`, `max_num_running_reqs`; of
+# `Request`: `num_tokens`, `num_computed_tokens`, `status`, `sampling_params`.
+
+# Counters of this process (the engine core's, where the scheduler and the processor live with
+# a single worker): read them with `counters(llm)` / `VllmEngine.counters`.
+COUNTERS = {"guided_tokens": 0, "degraded_tokens": 0, "repaired_steps": 0}
+_counters_lock = threading.Lock()
+
+
+def _count(name, n=1):
+    with _counters_lock:
+        COUNTERS[name] += n
+
+
+def check_vllm():
+    """Raises ImportError when vLLM lacks a hook this module uses."""
+    import importlib
+
+    import vllm
+
+    missing = []
+    for module, path in _HOOKS:
+        owner = importlib.import_module(module)
+        for name in path.split("."):
+            owner = getattr(owner, name, None)
+        if owner is None:
+            missing.append(f"{module}.{path}")
+    if missing:
+        raise ImportError(f"vLLM {vllm.__version__} lacks {', '.join(missing)}; cfg_triton.vllm is "
+                          f"tested with vLLM {TESTED_VLLM}.* (pip install -e .[vllm])")
+
+
+# ---------------------------------------------------------------------------------------- tags
+
+def _tag(sampling_params):
+    extra = getattr(sampling_params, "extra_args", None) or {}
+    return extra.get(TAG)
+
+
+# Per-row vLLM features a forced row would defeat (or turn into an all -inf row): refused.
+_REFUSED = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+            "min_tokens": 0, "logit_bias": None, "allowed_token_ids": None, "bad_words": None}
+
+
+def pair_params(params: GuidanceParams, seed: int, sampling_params=None):
+    """The two `SamplingParams` (cond, uncond) of one guided request.
+
+    Both run greedy in vLLM (the processor forces the guided token into both rows); `max_tokens`,
+    stop tokens and EOS handling come from `sampling_params` (None: defaults) and apply to both,
+    so both members finish on the same token. Stop strings are cond's alone (the front end ends
+    the pair). Raises ValueError for penalties, logit bias and the like (see `_REFUSED`).
+    """
+    from vllm import SamplingParams
+
+    base = sampling_params or SamplingParams()
+    for name, neutral in _REFUSED.items():
+        if getattr(base, name, neutral) not in (neutral, None, [], {}):
+            raise ValueError(f"{name} is not supported with guidance on vLLM: vLLM applies it per "
+                             f"row after the guided token is forced (set it to {neutral!r})")
+    if getattr(base, "n", 1) != 1:
+        raise ValueError("n must be 1 with guidance (one completion per pair)")
+    pair = uuid.uuid4().hex
+    tags = dataclasses.asdict(params)
+    tags.update(seed=seed, pair=pair)
+    common = dict(max_tokens=params.max_new_tokens, temperature=0.0, ignore_eos=base.ignore_eos,
+                  stop_token_ids=base.stop_token_ids, skip_special_tokens=base.skip_special_tokens,
+                  logprobs=base.logprobs)
+    cond = SamplingParams(**common, stop=base.stop, include_stop_str_in_output=base.include_stop_str_in_output,
+                          extra_args={TAG: {**tags, "role": "cond"}})
+    uncond = SamplingParams(**common, detokenize=False, extra_args={TAG: {**tags, "role": "uncond"}})
+    return cond, uncond
+
+
+# ------------------------------------------------------------------------------ logits processor
+
+@dataclasses.dataclass
+class _Row:
+    pair: str
+    cond: bool
+    params: GuidanceParams
+    seed: int
+    output_ids: list  # vLLM's live list of the request's generated tokens
+
+
+def _row(sampling_params, output_ids):
+    tag = _tag(sampling_params)
+    if tag is None:
+        return None
+    fields = {f.name: tag[f.name] for f in dataclasses.fields(GuidanceParams)}
+    return _Row(tag["pair"], tag["role"] == "cond", GuidanceParams(**fields), int(tag["seed"]), output_ids)
+
+
+def _processor_class():
+    from vllm.v1.sample.logits_processor import LogitsProcessor, MoveDirectionality
+
+    class GuidanceProcessor(LogitsProcessor):
+        """Draws each pair's guided token and forces it into both of the pair's rows.
+
+        Rows of untagged requests are left alone. A tagged row without its partner in the batch
+        is a partial prefill chunk (its sample is discarded) unless the scheduler failed: such a
+        row is drawn unguided, and if its request did produce a token from it (seen at the next
+        step: its output grew) the token is counted in `degraded_tokens` and logged.
+        """
+
+        def __init__(self, vllm_config, device, is_pin_memory):
+            self.rows: dict[int, _Row] = {}
+            self.lone: list[tuple[_Row, int]] = []
+
+        @classmethod
+        def validate_params(cls, sampling_params):
+            tag = _tag(sampling_params)
+            if tag is not None:
+                if sampling_params.temperature != 0.0:
+                    raise ValueError(f"requests tagged {TAG!r} must run at temperature 0 in vLLM "
+                                     "(their sampling is the guided draw); use pair_params()")
+                _row(sampling_params, [])  # checks the guidance parameters
+
+        def is_argmax_invariant(self) -> bool:
+            return False
+
+        def update_state(self, batch_update):
+            for row, length in self.lone:
+                if row.cond and len(row.output_ids) > length:
+                    _count("degraded_tokens")
+                    log.error("pair %s: its conditional request produced a token without its "
+                              "unconditional one (drawn unguided)", row.pair)
+            self.lone = []
+            if batch_update is None:
+                return
+            for index in batch_update.removed:
+                self.rows.pop(index, None)
+            for index, params, _, output_ids in batch_update.added:
+                row = _row(params, output_ids)
+                if row is None:
+                    self.rows.pop(index, None)
+                else:
+                    self.rows[index] = row
+            for a, b, direction in batch_update.moved:
+                ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
+                if ra is not None:
+                    self.rows[b] = ra
+                if rb is not None and direction == MoveDirectionality.SWAP:
+                    self.rows[a] = rb
+
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            if not self.rows:
+                return logits
+            pairs: dict[str, list] = {}
+            for index, row in self.rows.items():
+                if index < logits.shape[0]:
+                    pairs.setdefault(row.pair, [None, None])[0 if row.cond else 1] = (index, row)
+            groups: dict[bool, list] = {}  # normalized or mixed CFG: one `sample` call each
+            for cond, uncond in pairs.values():
+                lone = cond is None or uncond is None
+                if lone:
+                    member = cond or uncond
+                    self.lone.append((member[1], len(member[1].output_ids)))
+                    cond = uncond = member
+                groups.setdefault(cond[1].params.mix is None, []).append((cond, uncond, lone))
+            rows, tokens = [], []
+            for normalized, members in groups.items():
+                drawn = _draw(logits, members, normalized).tolist()
+                for (cond, uncond, lone), token in zip(members, drawn):
+                    rows += [cond[0]] if lone else [cond[0], uncond[0]]
+                    tokens += [token] if lone else [token, token]
+                    if not lone:
+                        _count("guided_tokens")
+            rows_t = torch.tensor(rows, device=logits.device)
+            logits[rows_t] = float("-inf")
+            logits[rows_t, torch.tensor(tokens, device=logits.device)] = 0.0
+            return logits
+
+    return GuidanceProcessor
+
+
+def _draw(logits, members, normalized):
+    """One `sample` call over pairs [((cond row, _Row), (uncond row, _Row), lone)] of one mode;
+    a lone row is drawn without guidance (γ = 1, no mix)."""
+    device = logits.device
+    column = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+    params = [c[1].params for c, _, _ in members]
+    lone = [flag for *_, flag in members]
+    cond = logits[[c[0] for c, _, _ in members]].float()
+    uncond = logits[[u[0] for _, u, _ in members]].float()
+    gamma = column([1.0 if alone else p.guidance_scale for p, alone in zip(params, lone)])
+    mix = None if normalized else column([1.0 if alone else p.mix for p, alone in zip(params, lone)])
+    filters = {}
+    if any(p.top_k for p in params):
+        filters["top_k"] = column([p.top_k or 0 for p in params], torch.int64)
+    if any(p.top_p for p in params):
+        filters["top_p"] = column([p.top_p or 1.0 for p in params])
+    if any(p.min_p for p in params):
+        filters["min_p"] = column([p.min_p or 0.0 for p in params])
+    return sample(cond, uncond, gamma, mix=mix, temperature=column([p.temperature for p in params]),
+                  seed=column([c[1].seed for c, _, _ in members], torch.int64),
+                  step=column([len(c[1].output_ids) for c, _, _ in members], torch.int64), row=0,
+                  **filters)
+
+
+# ------------------------------------------------------------------------------ pair scheduler
+
+@dataclasses.dataclass
+class _Step:
+    """What the gate has decided in the step being scheduled."""
+
+    budget: int                                   # tokens left (mirrors the scheduler's budget)
+    decided: set = dataclasses.field(default_factory=set)
+    reserved: dict = dataclasses.field(default_factory=dict)  # partner id -> tokens kept for it
+
+
+def _scheduler_class():
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.request import RequestStatus
+
+    class PairScheduler(Scheduler):
+        """vLLM's scheduler with the two members of a guided pair kept in lockstep.
+
+        A member *completes* in a step when the step runs the rest of its tokens (its last
+        prefill chunk, or a decode): it then samples. The invariant: a pair's members complete
+        in the same steps. Kept by three means:
+
+        * arrival: the first member is held until its partner arrives; both then queue together;
+        * the gate (`_reserve_prefill_lookahead`, called for every request the scheduler is about
+          to schedule, with the tokens it would run): the first member of a pair may complete
+          only when the budget left holds its partner's remaining tokens too (kept for it); a
+          member whose partner does not complete runs at most all but one of its tokens (a
+          decode then waits);
+        * the repair pass (before the step's output is committed): where a member would still
+          complete alone (its partner's allocation failed, the step's request limit), it runs
+          one token less, or when it runs one token only, it is taken out of the step
+          (preempted; a request admitted in this step is put back in the queue). Counted in
+          `repaired_steps`.
+
+        A running member whose partner was preempted is preempted too, so pairs resume together;
+        a pair member finished or aborted finishes its partner.
+        """
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            config = self.scheduler_config
+            problems = []
+            if getattr(config, "async_scheduling", False):
+                problems.append("async scheduling (async_scheduling=False)")
+            if str(getattr(config, "policy", "fcfs")).lower().endswith("priority"):
+                problems.append("the priority policy (policy='fcfs')")
+            if getattr(config, "long_prefill_token_threshold", 0):
+                problems.append("long_prefill_token_threshold (0)")
+            if self.vllm_config.speculative_config is not None:
+                problems.append("speculative decoding")
+            if problems:
+                raise ValueError("cfg_triton's PairScheduler does not support " + ", ".join(problems))
+            self._partner: dict[str, str] = {}
+            self._held: dict[str, object] = {}  # pair -> the member that arrived first
+            self._step = _Step(0)
+
+        # ---------------------------------------------------------------- arrival and exit
+
+        def add_request(self, request) -> None:
+            tag = _tag(request.sampling_params)
+            if tag is None:
+                return super().add_request(request)
+            first = self._held.pop(tag["pair"], None)
+            if first is None:
+                self._held[tag["pair"]] = request
+                return
+            cond, uncond = (request, first) if tag["role"] == "cond" else (first, request)
+            self._partner[cond.request_id] = uncond.request_id
+            self._partner[uncond.request_id] = cond.request_id
+            super().add_request(cond)
+            super().add_request(uncond)
+
+        def finish_requests(self, request_ids, finished_status):
+            if isinstance(request_ids, str):
+                request_ids = [request_ids]
+            if request_ids is not None:
+                request_ids = set(request_ids)
+                for held in list(self._held.values()):
+                    if held.request_id in request_ids:
+                        self._held.pop(_tag(held.sampling_params)["pair"])
+                request_ids |= {self._partner[r] for r in request_ids if r in self._partner}
+            finished = super().finish_requests(request_ids, finished_status)
+            self._forget()
+            return finished
+
+        def update_from_output(self, scheduler_output, model_runner_output):
+            outputs = super().update_from_output(scheduler_output, model_runner_output)
+            # Both members stop on the same token; a member gone alone (a stop the front end
+            # saw on cond only) takes its partner with it.
+            orphans = [p for r, p in self._partner.items() if r not in self.requests and p in self.requests]
+            if orphans:
+                super().finish_requests(orphans, RequestStatus.FINISHED_ABORTED)
+            self._forget()
+            return outputs
+
+        def _forget(self):
+            for r in [r for r in self._partner if r not in self.requests]:
+                self._partner.pop(r)
+
+        # ---------------------------------------------------------------- one step
+
+        def schedule(self, *args, **kwargs):
+            self._pair_preemptions()
+            self._pair_running()
+            self._step = _Step(min(self.max_num_scheduled_tokens, self.scheduler_config.max_num_batched_tokens))
+            return super().schedule(*args, **kwargs)
+
+        def _pair_preemptions(self):
+            """Preempts each running member whose partner was preempted: both resume together."""
+            lone = [r for r in self.running if r.request_id in self._partner
+                    and self.requests[self._partner[r.request_id]].status == RequestStatus.PREEMPTED]
+            for request in lone:
+                self.running.remove(request)
+                self._preempt_request(request, time.monotonic())
+
+        def _pair_running(self):
+            """Puts each running pair's members next to each other (the first one's place)."""
+            running = {id(r) for r in self.running}
+            ordered, placed = [], set()
+            for request in self.running:
+                if id(request) in placed:
+                    continue
+                ordered.append(request)
+                placed.add(id(request))
+                partner = self.requests.get(self._partner.get(request.request_id, ""))
+                if partner is not None and id(partner) in running and id(partner) not in placed:
+                    ordered.append(partner)
+                    placed.add(id(partner))
+            self.running = ordered
+
+        def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
+            n = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+            step, rid = self._step, request.request_id
+            remaining = request.num_tokens - num_computed_tokens  # the token that samples included
+            free = step.budget - sum(step.reserved.values())
+            partner_id = self._partner.get(rid)
+            if partner_id is None:
+                n = min(n, free)
+            elif partner_id in step.decided:  # the partner went first in this step
+                if rid in step.reserved:
+                    n = min(n, step.reserved.pop(rid) + free)
+                else:
+                    n = min(n, remaining - 1, free)
+            else:
+                partner = self.requests[partner_id]
+                partner_left = partner.num_tokens - partner.num_computed_tokens
+                if (n >= remaining and remaining + partner_left <= free and self._partner_follows(request, partner)):
+                    n = remaining
+                    step.reserved[partner_id] = partner_left
+                else:
+                    n = min(n, remaining - 1, free)
+            n = max(n, 0)
+            step.decided.add(rid)
+            step.budget -= n
+            return n
+
+        def _partner_follows(self, request, partner) -> bool:
+            """Whether `partner` is scheduled right after `request` in this step, barring a
+            failed allocation (which the repair pass handles)."""
+            if partner.status == RequestStatus.RUNNING:
+                return request.status != RequestStatus.RUNNING or partner in self.running
+            # The partner waits: admitted next only from the head of the queue, with room for two.
+            room = len(self.running) + (request.status != RequestStatus.RUNNING) + 1 <= self.max_num_running_reqs
+            return room and not self.kv_holding_waiting and bool(self.waiting) and (
+                self.waiting.peek_request() is partner
+                or (request.status != RequestStatus.RUNNING and self._second_in_queue(partner)))
+
+        def _second_in_queue(self, partner) -> bool:
+            queue = iter(self.waiting)
+            next(queue, None)
+            return next(queue, None) is partner
+
+        def _update_after_schedule(self, scheduler_output) -> None:
+            scheduled = scheduler_output.num_scheduled_tokens
+            for rid in list(scheduled):
+                partner = self.requests.get(self._partner.get(rid, ""))
+                if partner is None or rid not in scheduled:
+                    continue
+                request = self.requests[rid]
+                if self._completes(request, scheduled) and not self._completes(partner, scheduled):
+                    self._repair(scheduler_output, request)
+            super()._update_after_schedule(scheduler_output)
+
+        @staticmethod
+        def _completes(request, scheduled) -> bool:
+            return scheduled.get(request.request_id, 0) >= request.num_tokens - request.num_computed_tokens
+
+        def _repair(self, out, request):
+            """Keeps `request` from completing in this step (its partner does not)."""
+            _count("repaired_steps")
+            rid = request.request_id
+            if out.num_scheduled_tokens[rid] > 1:
+                out.num_scheduled_tokens[rid] -= 1
+                out.total_num_scheduled_tokens -= 1
+                return
+            out.total_num_scheduled_tokens -= out.num_scheduled_tokens.pop(rid)
+            self.prev_step_scheduled_req_ids.discard(rid)
+            self.running.remove(request)
+            new = [d for d in out.scheduled_new_reqs if d.req_id == rid]
+            if new:  # admitted in this step: the worker has not seen it, so back to the queue
+                out.scheduled_new_reqs.remove(new[0])
+                self.kv_cache_manager.free(request)
+                request.status = RequestStatus.WAITING
+                request.num_computed_tokens = 0
+                self.waiting.prepend_request(request)
+                return
+            cached = out.scheduled_cached_reqs
+            i = cached.req_ids.index(rid)
+            for field in ("req_ids", "new_token_ids", "new_block_ids", "num_computed_tokens",
+                          "num_output_tokens"):
+                values = getattr(cached, field)
+                if len(values) > i:
+                    del values[i]
+            cached.resumed_req_ids.discard(rid)
+            cached.all_token_ids.pop(rid, None)
+            self._preempt_request(request, time.monotonic())  # adds rid to this step's preempted ids
+
+    return PairScheduler
+
+
+# Importable by name, as vLLM's `scheduler_cls` and `logits_processors` settings take them.
+GuidanceProcessor = _processor_class()
+PairScheduler = _scheduler_class()
+
+
+def engine_args(**overrides) -> dict:
+    """Keyword arguments for `vllm.LLM(...)` / `AsyncEngineArgs(...)` that install the pair
+    scheduler and the guidance processor (and the settings they need), updated by `overrides`.
+
+    Also sets `VLLM_USE_V2_MODEL_RUNNER=0` in this process's environment (the processor and the
+    scheduler are written for the v1 model runner) unless it is set already.
+    """
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    args = dict(scheduler_cls=f"{__name__}.PairScheduler",
+                logits_processors=[f"{__name__}:GuidanceProcessor"], async_scheduling=False,
+                enable_chunked_prefill=True)
+    args.update(overrides)
+    return args
+
+
+def counters(llm) -> dict:
+    """The guidance counters of an `LLM`'s engine core (rank 0's worker process)."""
+    return llm.collective_rpc(_read_counters)[0]
+
+
+def _read_counters(*_):
+    with _counters_lock:
+        return dict(COUNTERS)
+
+
+# ------------------------------------------------------------------------------ offline front end
+
+@dataclasses.dataclass
+class Completion:
+    """One prompt's result: the generated token ids and text, and why it ended."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+
+
+def generate(llm, prompts, negative_prompts=None, *, guidance_scale: float = 1.5,
+             mix: float | None = None, sampling_params=None, params: GuidanceParams | None = None,
+             seed: int | None = None) -> list[Completion]:
+    """Runs CFG requests through an `LLM` built with `engine_args()`; one `Completion` per prompt.
+
+    `prompts` and `negative_prompts` are strings or lists of token ids; a missing negative prompt
+    (None, or a None entry) is the prompt's last token. `sampling_params` (a vLLM
+    `SamplingParams`) gives temperature, top-k, top-p, min-p, `max_tokens`, stop strings and stop
+    tokens; `params` (a `GuidanceParams`) may be given instead of γ, α and the sampling fields.
+    `seed` (or `sampling_params.seed`) keys the noise of every request (request i: seed + i);
+    unset, each pair draws its own.
+    """
+    from vllm import SamplingParams
+
+    base = sampling_params or SamplingParams(max_tokens=16)
+    if params is None:
+        params = GuidanceParams(
+            guidance_scale=guidance_scale, mix=mix, temperature=base.temperature,
+            top_k=base.top_k if base.top_k and base.top_k > 0 else None, top_p=base.top_p,
+            min_p=base.min_p, max_new_tokens=base.max_tokens or 16,
+            seed=seed if seed is not None else base.seed)
+    tokenizer = llm.get_tokenizer()
+    negative_prompts = negative_prompts or [None] * len(prompts)
+    if len(negative_prompts) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
+    engine = llm.llm_engine
+    pending = {}
+    for i, (prompt, negative) in enumerate(zip(prompts, negative_prompts)):
+        ids = _ids(tokenizer, prompt, special=True)
+        request_seed = params.seed + i if params.seed is not None else secrets.randbits(63)
+        cond_params, uncond_params = pair_params(params, request_seed, base)
+        uncond_ids = ids[-1:] if negative is None else _ids(tokenizer, negative, special=False)
+        rid = f"cfg-{uuid.uuid4().hex}"
+        engine.add_request(rid, {"prompt_token_ids": ids}, cond_params)
+        engine.add_request(rid + "/uncond", {"prompt_token_ids": uncond_ids}, uncond_params)
+        pending[rid] = i
+    results: list[Completion | None] = [None] * len(prompts)
+    while pending:
+        for output in engine.step():
+            if output.request_id in pending and output.finished:
+                i = pending.pop(output.request_id)
+                done = output.outputs[0]
+                results[i] = Completion(list(done.token_ids), done.text, done.finish_reason)
+                engine.abort_request([output.request_id + "/uncond"])
+    return results
+
+
+def _ids(tokenizer, text_or_ids, special):
+    if isinstance(text_or_ids, str):
+        ids = tokenizer(text_or_ids, add_special_tokens=special).input_ids
+    else:
+        ids = list(text_or_ids)
+    if not ids:
+        raise ValueError("a prompt or negative prompt is empty (no tokens)")
+    return ids
