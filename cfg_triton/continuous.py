@@ -30,7 +30,7 @@ import torch
 from .ops import guidance
 from .params import GuidanceParams
 from .sampling import sample
-from .server import EngineUnavailable
+from .server import EngineUnavailable, Output, branches
 
 TESTED_TRANSFORMERS = "5.24"
 log = logging.getLogger("cfg_triton.serve")
@@ -89,21 +89,6 @@ class Request:
     uncond_id: str | None
     logprobs: int | None = None
     token_logprobs: list = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass
-class Output:
-    """What a request has produced so far: every generated token, and when finished, why.
-
-    `logprobs` (when asked for) has one (guided log-probability, [(token, logprob)] of the top
-    alternatives) per token of `token_ids`.
-    """
-
-    token_ids: list[int]
-    finished: bool = False
-    finish_reason: str | None = None  # "stop" (an EOS token) or "length"
-    error: str | None = None
-    logprobs: list | None = None
 
 
 def _output_length(state) -> int:
@@ -234,6 +219,7 @@ class TransformersEngine:
             eos = tokenizer.eos_token_id
         self.eos_token_ids = set() if eos is None else set(eos if isinstance(eos, list) else [eos])
         self.context_length = getattr(model.config, "max_position_embeddings", None)
+        self.guided_logprobs = True
         scheduler_module.SCHEDULER_MAPPING["cfg_pairs"] = _scheduler_class()
         # No logits processors (greedy config): the fused step below does all of the sampling.
         config = GenerationConfig(do_sample=False, max_new_tokens=16, eos_token_id=sorted(self.eos_token_ids)
@@ -261,17 +247,9 @@ class TransformersEngine:
 
     # ------------------------------------------------------------------ front-end interface
 
-    @staticmethod
-    def _branches(prompt_ids, negative_ids, params) -> list[list[int]]:
-        """The token ids of a request's engine sequences: the prompt, and when guided the negative
-        prompt (None: the prompt's last token, as transformers and text-generation-webui do)."""
-        if not params.guided:
-            return [list(prompt_ids)]
-        return [list(prompt_ids), list(negative_ids if negative_ids is not None else prompt_ids[-1:])]
-
     def check_fits(self, prompt_ids, negative_ids, params: GuidanceParams):
         """Raises ValueError when a request could never be held by this engine's KV cache."""
-        lengths = [len(ids) + params.max_new_tokens for ids in self._branches(prompt_ids, negative_ids, params)]
+        lengths = [len(ids) + params.max_new_tokens for ids in branches(prompt_ids, negative_ids, params)]
         if sum(lengths) > self.max_sequence_tokens:
             raise ValueError(f"the request needs {sum(lengths)} KV-cache tokens (prompt"
                              f"{' and negative prompt' if len(lengths) > 1 else ''} plus "
@@ -300,7 +278,7 @@ class TransformersEngine:
             common = dict(max_new_tokens=params.max_new_tokens, eos_token_id=sorted(self.eos_token_ids) or -1)
             added = [self._manager.add_request(ids, request_id=member, streaming=member == request.cond_id,
                                                **common)
-                     for ids, member in zip(self._branches(prompt_ids, negative_ids, params), members)]
+                     for ids, member in zip(branches(prompt_ids, negative_ids, params), members)]
             if None in added or not self._manager.is_running():
                 raise EngineUnavailable("the engine is not running")
             while not finished:
@@ -331,6 +309,9 @@ class TransformersEngine:
 
     def running(self) -> bool:
         return self._manager.is_running()
+
+    async def stats(self) -> dict:
+        return dict(self.counters)
 
     def stop(self):
         self._manager.stop(block=True, timeout=30)

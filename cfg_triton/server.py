@@ -5,11 +5,14 @@ server-sent events), `GET /v1/models`, `GET /health`, and the text-generation-we
 SillyTavern calls (`GET /v1/internal/model/info`, `POST /v1/internal/encode`, `.../decode`,
 `.../token-count`). Request bodies are read as plain JSON: unknown fields are ignored (clients send
 dozens of sampler fields), known ones are type- and range-checked, and every bad request gets a 400
-in OpenAI's error shape. The engine behind it is anything with `TransformersEngine`'s interface:
-`tokenizer`, `context_length`, `counters`, `running()`, `check_fits(...)` and `generate(...)`
-(which raises `EngineUnavailable` when it cannot run a request).
+in OpenAI's error shape. The engine behind it (`continuous.TransformersEngine`,
+`vllm.VllmEngine`) has: `tokenizer`, `context_length`, `guided_logprobs` (whether it can report
+the guided distribution's log-probabilities), `running()`, `async stats()` (its counters),
+`check_fits(...)` and `async generate(...)` yielding `Output`s (it raises `EngineUnavailable`
+when it cannot run a request).
 """
 
+import dataclasses
 import json
 import logging
 import time
@@ -31,6 +34,30 @@ MAX_LOGPROBS = 20
 
 class EngineUnavailable(RuntimeError):
     """Raised by an engine's `generate` when it cannot run requests (stopped, or a fatal error)."""
+
+
+@dataclasses.dataclass
+class Output:
+    """What a request has produced so far (an engine's `generate` yields one per new token):
+    every generated token, and when finished, why.
+
+    `logprobs` (when asked for) has one (guided log-probability, [(token, logprob)] of the top
+    alternatives) per token of `token_ids`.
+    """
+
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (an EOS token or stop string) or "length"
+    error: str | None = None
+    logprobs: list | None = None
+
+
+def branches(prompt_ids, negative_ids, params) -> list[list[int]]:
+    """The token ids of a request's engine sequences: the prompt, and when guided the negative
+    prompt (None: the prompt's last token, as transformers and text-generation-webui do)."""
+    if not params.guided:
+        return [list(prompt_ids)]
+    return [list(prompt_ids), list(negative_ids if negative_ids is not None else prompt_ids[-1:])]
 
 
 class BadRequest(Exception):
@@ -96,6 +123,9 @@ class ParsedRequest:
         self.stream = bool(_get(body, "stream", (bool,), False))
         self.stops = _stop_strings(body)
         self.logprobs = _logprobs(body, kind)
+        if self.logprobs is not None and not engine.guided_logprobs:
+            raise BadRequest("logprobs are not available with this server's engine (it cannot "
+                             "report the guided distribution)", "logprobs")
 
         negative = _get(body, "negative_prompt", (str,), "")
         scale = _number(body, "guidance_scale", _number(body, "cfg_scale", 1.0))
@@ -262,7 +292,7 @@ def create_app(engine, model_name: str):
     async def health():
         """200 while the engine runs (503 once it has stopped), with its counters."""
         running = engine.running()
-        return JSONResponse({"status": "ok" if running else "engine stopped", **engine.counters},
+        return JSONResponse({"status": "ok" if running else "engine stopped", **await engine.stats()},
                             status_code=200 if running else 503)
 
     @app.get("/v1/models")

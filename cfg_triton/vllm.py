@@ -21,9 +21,12 @@ API. Every private name used is in `_HOOKS`; `check_vllm()` fails at start when 
 from __future__ import annotations
 
 import dataclasses
+import glob
+import json
 import logging
 import os
 import secrets
+import tempfile
 import threading
 import time
 import uuid
@@ -53,15 +56,51 @@ _HOOKS = (
 # `prev_step_scheduled_req_ids`, `max_num_scheduled_tokens`, `max_num_running_reqs`; of
 # `Request`: `num_tokens`, `num_computed_tokens`, `status`, `sampling_params`.
 
-# Counters of this process (the engine core's, where the scheduler and the processor live with
-# a single worker): read them with `counters(llm)` / `VllmEngine.counters`.
-COUNTERS = {"guided_tokens": 0, "degraded_tokens": 0, "repaired_steps": 0}
+# Counters, counted where they happen: the scheduler in the engine core, the processor in each
+# worker (the same process with one worker). Each process adds to its own dict and, when
+# `COUNTERS_ENV` names a path (`engine_args` sets one), rewrites `<path>.<pid>` as JSON, so that
+# `counters()` can sum them from the front end's process.
+COUNTERS_ENV = "CFG_TRITON_VLLM_COUNTERS"
+COUNTERS = {"guided_tokens": 0, "degraded_tokens": 0, "repaired_steps": 0, "preempted_members": 0}
 _counters_lock = threading.Lock()
 
 
 def _count(name, n=1):
     with _counters_lock:
         COUNTERS[name] += n
+        path = os.environ.get(COUNTERS_ENV)
+        if path:
+            own = f"{path}.{os.getpid()}"
+            with open(own + ".tmp", "w") as f:
+                json.dump(COUNTERS, f)
+            os.replace(own + ".tmp", own)
+
+
+def counters() -> dict:
+    """Guidance counters summed over this process and the engine processes it started (with
+    tensor parallelism every worker's processor counts `degraded_tokens`):
+
+    * `guided_tokens`: tokens pairs were scheduled to draw together (counted by the scheduler);
+    * `degraded_tokens`: tokens a conditional request produced without its partner (drawn
+      unguided; counted by the processor, at the engine's next step): 0 unless the pair
+      scheduler failed, which is a bug;
+    * `repaired_steps`: steps in which the scheduler took one member's sampling token back
+      because its partner could not run (a failed allocation, the step's request limit);
+    * `preempted_members`: pair members preempted (by vLLM for memory, or with their partner).
+    """
+    path = os.environ.get(COUNTERS_ENV)
+    if not path:
+        with _counters_lock:
+            return dict(COUNTERS)
+    total = dict.fromkeys(COUNTERS, 0)
+    for name in glob.glob(glob.escape(path) + ".*[0-9]"):
+        try:
+            with open(name) as f:
+                for key, value in json.load(f).items():
+                    total[key] = total.get(key, 0) + value
+        except (OSError, ValueError):  # a file being replaced: the next read sees it
+            continue
+    return total
 
 
 def check_vllm():
@@ -150,13 +189,13 @@ def _processor_class():
 
         Rows of untagged requests are left alone. A tagged row without its partner in the batch
         is a partial prefill chunk (its sample is discarded) unless the scheduler failed: such a
-        row is drawn unguided, and if its request did produce a token from it (seen at the next
-        step: its output grew) the token is counted in `degraded_tokens` and logged.
+        row is drawn unguided, and if its request did produce a token from it (seen at the
+        engine's next step: its output grew) the token is counted in `degraded_tokens` and logged.
         """
 
         def __init__(self, vllm_config, device, is_pin_memory):
             self.rows: dict[int, _Row] = {}
-            self.lone: list[tuple[_Row, int]] = []
+            self.lone: list[tuple[_Row, int]] = []  # (row, its output length) drawn alone
 
         @classmethod
         def validate_params(cls, sampling_params):
@@ -171,6 +210,7 @@ def _processor_class():
             return False
 
         def update_state(self, batch_update):
+            # Known one step late (when the output grew: a partial prefill chunk's draw is discarded).
             for row, length in self.lone:
                 if row.cond and len(row.output_ids) > length:
                     _count("degraded_tokens")
@@ -215,8 +255,6 @@ def _processor_class():
                 for (cond, uncond, lone), token in zip(members, drawn):
                     rows += [cond[0]] if lone else [cond[0], uncond[0]]
                     tokens += [token] if lone else [token, token]
-                    if not lone:
-                        _count("guided_tokens")
             rows_t = torch.tensor(rows, device=logits.device)
             logits[rows_t] = float("-inf")
             logits[rows_t, torch.tensor(tokens, device=logits.device)] = 0.0
@@ -421,6 +459,11 @@ def _scheduler_class():
             next(queue, None)
             return next(queue, None) is partner
 
+        def _preempt_request(self, request, *args, **kwargs):
+            if request.request_id in self._partner:
+                _count("preempted_members")
+            return super()._preempt_request(request, *args, **kwargs)
+
         def _update_after_schedule(self, scheduler_output) -> None:
             scheduled = scheduler_output.num_scheduled_tokens
             for rid in list(scheduled):
@@ -430,6 +473,10 @@ def _scheduler_class():
                 request = self.requests[rid]
                 if self._completes(request, scheduled) and not self._completes(partner, scheduled):
                     self._repair(scheduler_output, request)
+            guided = sum(1 for rid in scheduled if rid in self._partner and self._completes(self.requests[rid], scheduled)
+                         and _tag(self.requests[rid].sampling_params)["role"] == "cond")
+            if guided:
+                _count("guided_tokens", guided)
             super()._update_after_schedule(scheduler_output)
 
         @staticmethod
@@ -478,25 +525,17 @@ def engine_args(**overrides) -> dict:
     """Keyword arguments for `vllm.LLM(...)` / `AsyncEngineArgs(...)` that install the pair
     scheduler and the guidance processor (and the settings they need), updated by `overrides`.
 
-    Also sets `VLLM_USE_V2_MODEL_RUNNER=0` in this process's environment (the processor and the
-    scheduler are written for the v1 model runner) unless it is set already.
+    Also sets, unless set already, `VLLM_USE_V2_MODEL_RUNNER=0` in this process's environment
+    (the processor and the scheduler are written for the v1 model runner) and `COUNTERS_ENV`.
     """
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    # Inherited by the engine processes: where their counters go (see `counters()`).
+    os.environ.setdefault(COUNTERS_ENV, os.path.join(tempfile.mkdtemp(prefix="cfg_triton_vllm-"), "counters"))
     args = dict(scheduler_cls=f"{__name__}.PairScheduler",
                 logits_processors=[f"{__name__}:GuidanceProcessor"], async_scheduling=False,
                 enable_chunked_prefill=True)
     args.update(overrides)
     return args
-
-
-def counters(llm) -> dict:
-    """The guidance counters of an `LLM`'s engine core (rank 0's worker process)."""
-    return llm.collective_rpc(_read_counters)[0]
-
-
-def _read_counters(*_):
-    with _counters_lock:
-        return dict(COUNTERS)
 
 
 # ------------------------------------------------------------------------------ offline front end
@@ -565,3 +604,84 @@ def _ids(tokenizer, text_or_ids, special):
     if not ids:
         raise ValueError("a prompt or negative prompt is empty (no tokens)")
     return ids
+
+
+# ------------------------------------------------------------------------------ server engine
+
+class VllmEngine:
+    """CFG requests on vLLM's async engine, behind `cfg_triton.server.create_app` (the engine
+    interface described there).
+
+    `model` is a checkpoint folder; `engine_kwargs` go to `AsyncEngineArgs` on top of
+    `engine_args()`. A guided request is two engine requests (`pair_params`); an unguided one
+    (γ = 1 without a mix) is a single request sampled by vLLM itself (`seed` honored).
+    Log-probabilities are not offered: vLLM would report the conditional branch's, not the
+    guided distribution's.
+    """
+
+    guided_logprobs = False
+
+    def __init__(self, model: str, **engine_kwargs):
+        check_vllm()
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=str(model), **engine_args(**engine_kwargs)))
+        self.tokenizer = self._llm.get_tokenizer()
+        self.context_length = self._llm.model_config.max_model_len
+        self.eos_token_ids = {self.tokenizer.eos_token_id} - {None}
+
+    def running(self) -> bool:
+        return not self._llm.errored
+
+    async def stats(self) -> dict:
+        return counters()
+
+    def check_fits(self, prompt_ids, negative_ids, params: GuidanceParams):
+        """Raises ValueError when a branch could never fit the model's context."""
+        from .server import branches
+
+        longest = max(len(ids) for ids in branches(prompt_ids, negative_ids, params))
+        if longest + params.max_new_tokens > self.context_length:
+            raise ValueError(f"a branch needs {longest + params.max_new_tokens} tokens (its prompt "
+                             f"plus max_tokens); the engine's context is {self.context_length}")
+
+    async def generate(self, prompt_ids, negative_ids, params: GuidanceParams, *, logprobs=None):
+        """Runs one request; yields a `server.Output` per new token, the last with `finished`
+        set. Closing the iterator early aborts both engine requests."""
+        from vllm import SamplingParams
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        from .server import EngineUnavailable, Output, branches
+
+        if logprobs is not None:
+            raise ValueError("this engine does not report guided log-probabilities")
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        rid = f"cfg-{uuid.uuid4().hex}"
+        ids = branches(prompt_ids, negative_ids, params)
+        if params.guided:
+            requests = list(zip((rid, rid + "/uncond"), ids, pair_params(params, seed)))
+        else:
+            requests = [(rid, ids[0], SamplingParams(
+                max_tokens=params.max_new_tokens, temperature=params.temperature,
+                top_k=params.top_k or 0, top_p=params.top_p or 1.0, min_p=params.min_p or 0.0,
+                seed=seed % 2**63))]
+        finished = False
+        try:
+            try:
+                queues = [await self._llm.add_request(r, {"prompt_token_ids": i}, p) for r, i, p in requests]
+            except EngineDeadError as e:
+                raise EngineUnavailable(str(e)) from e
+            while not finished:  # the uncond request's queue is never read: its tokens are cond's
+                try:
+                    result = await queues[0].get()
+                except EngineDeadError as e:
+                    raise EngineUnavailable(str(e)) from e
+                done = result.outputs[0]
+                finished = result.finished
+                yield Output(list(done.token_ids), finished, done.finish_reason if finished else None)
+        finally:
+            await self._llm.abort([r for r, *_ in requests] if not finished or params.guided else [])
+
+    def stop(self):
+        self._llm.shutdown()

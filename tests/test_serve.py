@@ -412,10 +412,13 @@ def test_stopped_engine_answers_503(smollm2):
     from cfg_triton.server import create_app
 
     class Stopped:  # the interface create_app needs, of an engine whose thread has ended
-        tokenizer, context_length, counters = smollm2[1], 8192, {"steps": 0}
+        tokenizer, context_length, guided_logprobs = smollm2[1], 8192, True
 
         def running(self):
             return False
+
+        async def stats(self):
+            return {"steps": 0}
 
         def check_fits(self, *args):
             pass
@@ -426,6 +429,12 @@ def test_stopped_engine_answers_503(smollm2):
         r = client.post("/v1/completions", json={"prompt": "x", "stream": stream})
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
     assert client.post("/v1/internal/decode", json={"tokens": [-1]}).status_code == 400
+    # An engine that cannot report the guided distribution (vLLM) refuses logprobs, before any work.
+    Stopped.guided_logprobs = False
+    for body in ({"prompt": "x", "logprobs": 2}, {"messages": [{"role": "user", "content": "x"}],
+                                                   "logprobs": True}):
+        r = client.post("/v1/chat/completions" if "messages" in body else "/v1/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
 
 
 def test_load_sixteen_streams_then_cancel_half(smollm2, server, engine):
