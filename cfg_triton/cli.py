@@ -4,6 +4,7 @@ server (`cfg-triton serve`)."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -109,9 +110,11 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-requests", type=_number(2, 1e6, kind=int), default=None,
                     help="sequences per engine step, a guided request counting two (default: 64; with "
                          "vLLM, vLLM's)%(default).0s")
-    sv.add_argument("--memory-fraction", type=_number(0.01, 1.0), default=None,
-                    help="vLLM only: the fraction of the device's memory vLLM may take (its "
-                         "gpu_memory_utilization; of host memory on CPU) (default: vLLM's)%(default).0s")
+    sv.add_argument("--vllm-arg", action="append", default=[], metavar="NAME=VALUE",
+                    help="with --engine vllm: one of vLLM's engine arguments (repeatable; the value "
+                         "read as JSON when it parses, else as a string), e.g. "
+                         "gpu_memory_utilization=0.3 (on CPU: of host memory), dtype=float32, "
+                         "enforce_eager=true, tensor_parallel_size=2")
     return parser
 
 
@@ -160,11 +163,24 @@ def _serve(args, parser) -> int:
         except (OSError, ValueError) as e:
             parser.error(f"argument --model: cannot load {args.model!r}: {str(e).splitlines()[0]}")
         sizes = dict(block_size=args.page_size, num_gpu_blocks_override=args.num_blocks,
-                     max_num_batched_tokens=args.max_batch_tokens, max_num_seqs=args.max_requests,
-                     gpu_memory_utilization=args.memory_fraction)
-        engine = VllmEngine(folder, **{k: v for k, v in sizes.items() if v is not None})
+                     max_num_batched_tokens=args.max_batch_tokens, max_num_seqs=args.max_requests)
+        kwargs = {k: v for k, v in sizes.items() if v is not None}
+        for item in args.vllm_arg:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                parser.error(f"argument --vllm-arg: expected NAME=VALUE, got {item!r}")
+            try:
+                kwargs[name] = json.loads(value)
+            except ValueError:
+                kwargs[name] = value
+        try:
+            engine = VllmEngine(folder, **kwargs)
+        except TypeError as e:  # an argument AsyncEngineArgs does not have
+            parser.error(f"argument --vllm-arg: {e}")
         described = f"vLLM, context {engine.context_length} tokens"
     else:
+        if args.vllm_arg:
+            parser.error("argument --vllm-arg: only with --engine vllm")
         try:
             from .continuous import TransformersEngine, check_engine
             check_engine()

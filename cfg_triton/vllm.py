@@ -382,6 +382,9 @@ def _scheduler_class():
             self._forget()
             return outputs
 
+        def _partner_of(self, request_id):
+            return self.requests.get(self._partner.get(request_id, ""))
+
         def _forget(self):
             for r in [r for r in self._partner if r not in self.requests]:
                 self._partner.pop(r)
@@ -396,8 +399,8 @@ def _scheduler_class():
 
         def _pair_preemptions(self):
             """Preempts each running member whose partner was preempted: both resume together."""
-            lone = [r for r in self.running if r.request_id in self._partner
-                    and self.requests[self._partner[r.request_id]].status == RequestStatus.PREEMPTED]
+            lone = [r for r in self.running
+                    if getattr(self._partner_of(r.request_id), "status", None) == RequestStatus.PREEMPTED]
             for request in lone:
                 self.running.remove(request)
                 self._preempt_request(request, time.monotonic())
@@ -411,7 +414,7 @@ def _scheduler_class():
                     continue
                 ordered.append(request)
                 placed.add(id(request))
-                partner = self.requests.get(self._partner.get(request.request_id, ""))
+                partner = self._partner_of(request.request_id)
                 if partner is not None and id(partner) in running and id(partner) not in placed:
                     ordered.append(partner)
                     placed.add(id(partner))
@@ -422,20 +425,19 @@ def _scheduler_class():
             step, rid = self._step, request.request_id
             remaining = request.num_tokens - num_computed_tokens  # the token that samples included
             free = step.budget - sum(step.reserved.values())
-            partner_id = self._partner.get(rid)
-            if partner_id is None:
+            partner = self._partner_of(rid)
+            if partner is None:
                 n = min(n, free)
-            elif partner_id in step.decided:  # the partner went first in this step
+            elif partner.request_id in step.decided:  # the partner went first in this step
                 if rid in step.reserved:
                     n = min(n, step.reserved.pop(rid) + free)
                 else:
                     n = min(n, remaining - 1, free)
             else:
-                partner = self.requests[partner_id]
                 partner_left = partner.num_tokens - partner.num_computed_tokens
-                if (n >= remaining and remaining + partner_left <= free and self._partner_follows(request, partner)):
+                if n >= remaining and remaining + partner_left <= free and self._partner_follows(request, partner):
                     n = remaining
-                    step.reserved[partner_id] = partner_left
+                    step.reserved[partner.request_id] = partner_left
                 else:
                     n = min(n, remaining - 1, free)
             n = max(n, 0)
@@ -467,7 +469,7 @@ def _scheduler_class():
         def _update_after_schedule(self, scheduler_output) -> None:
             scheduled = scheduler_output.num_scheduled_tokens
             for rid in list(scheduled):
-                partner = self.requests.get(self._partner.get(rid, ""))
+                partner = self._partner_of(rid)
                 if partner is None or rid not in scheduled:
                     continue
                 request = self.requests[rid]

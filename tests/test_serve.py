@@ -501,3 +501,18 @@ def test_serve_command_answers_the_openai_client(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_serve_command_engine_arguments(capsys):
+    """`--vllm-arg` belongs to the vLLM engine; without vLLM installed `--engine vllm` says how to get it."""
+    from cfg_triton import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--vllm-arg", "dtype=float32"])
+    assert "only with --engine vllm" in capsys.readouterr().err
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit):
+            cli.main(["serve", "--engine", "vllm"])
+        assert "scripts/install.sh --vllm" in capsys.readouterr().err

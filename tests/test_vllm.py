@@ -208,8 +208,9 @@ def test_small_token_budget_chunks_every_prefill(checkpoint, in_process, referen
 
 
 def test_small_kv_cache_forces_preemption(checkpoint, in_process, reference):
-    """12 blocks of 16 tokens for 6 pairs needing 30 or more: vLLM preempts, pairs resume together."""
-    engine = _engine(checkpoint, block_size=16, num_gpu_blocks_override=12, max_model_len=160,
+    """8 blocks of 32 tokens for 6 pairs of 2 blocks a member at the end: vLLM preempts, and pairs
+    resume together."""
+    engine = _engine(checkpoint, block_size=32, num_gpu_blocks_override=8, max_model_len=160,
                      max_num_batched_tokens=64,
                      enable_prefix_caching=False)
     try:
@@ -252,7 +253,9 @@ def test_serve_engine_vllm(checkpoint, reference, tmp_path):
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "cfg_triton.cli", "serve", "--engine", "vllm",
                                "--model", checkpoint, "--port", str(port), "--max-batch-tokens", "32",
-                               "--memory-fraction", "0.3"],
+                               *[f"--vllm-arg={a}" for a in ("gpu_memory_utilization=0.3", "dtype=float32",
+                                                              "enforce_eager=true", "max_model_len=512",
+                                                              f"kv_cache_memory_bytes={2**28}")]],
                               stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, cv.COUNTERS_ENV: str(tmp_path / "counters")})
     url = f"http://127.0.0.1:{port}"
