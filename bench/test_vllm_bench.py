@@ -7,7 +7,7 @@ tokens a request; vLLM's in-process engine):
 * `unguided`: `LLM.generate` of the same prompts on the same engine (one request each; the
   processor leaves untagged rows alone).
 
-    scripts/install.sh --vllm && .venv-vllm/bin/python bench/vllm.py LABEL
+    scripts/install.sh --vllm && .venv-vllm/bin/python bench/vllm_throughput.py LABEL
 
 Runs in vLLM's environment only (skipped elsewhere).
 """

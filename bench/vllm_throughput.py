@@ -1,7 +1,7 @@
 """Runs bench/test_vllm_bench.py (in vLLM's environment) and appends its table, with the machine,
 to a results file.
 
-    .venv-vllm/bin/python bench/vllm.py LABEL [--out bench/results/vllm-<machine>.md]
+    .venv-vllm/bin/python bench/vllm_throughput.py LABEL [--out bench/results/vllm-<machine>.md]
 
 Each run adds one block: generated tokens per second of guided and unguided requests on the same
 vLLM engine at 1, 4 and 16 concurrent requests, and their ratio.
