@@ -205,6 +205,8 @@ class TransformersEngine:
     (a guided request counts two). None leaves a size to transformers' defaults.
     """
 
+    guided_logprobs = True  # logprobs are the guided distribution's (see _draw)
+
     def __init__(self, model, tokenizer, *, num_blocks=None, page_size=256, max_batch_tokens=None,
                  max_requests=None):
         check_engine()
@@ -219,7 +221,6 @@ class TransformersEngine:
             eos = tokenizer.eos_token_id
         self.eos_token_ids = set() if eos is None else set(eos if isinstance(eos, list) else [eos])
         self.context_length = getattr(model.config, "max_position_embeddings", None)
-        self.guided_logprobs = True
         scheduler_module.SCHEDULER_MAPPING["cfg_pairs"] = _scheduler_class()
         # No logits processors (greedy config): the fused step below does all of the sampling.
         config = GenerationConfig(do_sample=False, max_new_tokens=16, eos_token_id=sorted(self.eos_token_ids)

@@ -47,7 +47,7 @@ class Output:
 
     token_ids: list[int]
     finished: bool = False
-    finish_reason: str | None = None  # "stop" (an EOS token or stop string) or "length"
+    finish_reason: str | None = None  # "stop" (an EOS token) or "length"
     error: str | None = None
     logprobs: list | None = None
 
