@@ -189,13 +189,18 @@ def _processor_class():
 
         Rows of untagged requests are left alone. A tagged row without its partner in the batch
         is a partial prefill chunk (its sample is discarded) unless the scheduler failed: such a
-        row is drawn unguided, and if its request did produce a token from it (seen at the
-        engine's next step: its output grew) the token is counted in `degraded_tokens` and logged.
+        row is drawn unguided (as are members whose outputs differ in length). Partial chunks are
+        not recognised when the draw happens; at the engine's next step, whose output grew says
+        which rows produced tokens: a cond token drawn alone, or beside an uncond row that did
+        not produce one (a partial chunk, so not the same position), is counted in
+        `degraded_tokens` and logged.
         """
 
         def __init__(self, vllm_config, device, is_pin_memory):
             self.rows: dict[int, _Row] = {}
-            self.lone: list[tuple[_Row, int]] = []  # (row, its output length) drawn alone
+            # Rows drawn in the last step, with their output lengths then:
+            self.lone: list[tuple[_Row, int]] = []               # (row, length) drawn alone
+            self.paired: list[tuple[_Row, _Row, int]] = []       # (cond, uncond, length) drawn together
 
         @classmethod
         def validate_params(cls, sampling_params):
@@ -210,13 +215,16 @@ def _processor_class():
             return False
 
         def update_state(self, batch_update):
-            # Known one step late (when the output grew: a partial prefill chunk's draw is discarded).
-            for row, length in self.lone:
-                if row.cond and len(row.output_ids) > length:
-                    _count("degraded_tokens")
-                    log.error("pair %s: its conditional request produced a token without its "
-                              "unconditional one (drawn unguided)", row.pair)
-            self.lone = []
+            # Known one step late, from whose output grew (a partial prefill chunk's draw is
+            # discarded): a cond token drawn alone, or beside an uncond row that was a partial chunk.
+            degraded = [row for row, length in self.lone if row.cond and len(row.output_ids) > length]
+            degraded += [cond for cond, uncond, length in self.paired
+                         if len(cond.output_ids) > length and len(uncond.output_ids) == length]
+            for row in degraded:
+                _count("degraded_tokens")
+                log.error("pair %s: its conditional request produced a token in a step its "
+                          "unconditional one did not (drawn without proper guidance)", row.pair)
+            self.lone, self.paired = [], []
             if batch_update is None:
                 return
             for index in batch_update.removed:
@@ -243,12 +251,17 @@ def _processor_class():
                     pairs.setdefault(row.pair, [None, None])[0 if row.cond else 1] = (index, row)
             groups: dict[bool, list] = {}  # normalized or mixed CFG: one `sample` call each
             for cond, uncond in pairs.values():
-                lone = cond is None or uncond is None
+                # Members a token apart (the scheduler failed earlier) are not guided either.
+                lone = (cond is None or uncond is None
+                        or len(cond[1].output_ids) != len(uncond[1].output_ids))
                 if lone:
-                    member = cond or uncond
-                    self.lone.append((member[1], len(member[1].output_ids)))
-                    cond = uncond = member
-                groups.setdefault(cond[1].params.mix is None, []).append((cond, uncond, lone))
+                    for member in (cond, uncond):
+                        if member is not None:
+                            self.lone.append((member[1], len(member[1].output_ids)))
+                            groups.setdefault(member[1].params.mix is None, []).append((member, member, True))
+                    continue
+                self.paired.append((cond[1], uncond[1], len(cond[1].output_ids)))
+                groups.setdefault(cond[1].params.mix is None, []).append((cond, uncond, False))
             rows, tokens = [], []
             for normalized, members in groups.items():
                 drawn = _draw(logits, members, normalized).tolist()

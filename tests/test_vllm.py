@@ -207,6 +207,24 @@ def test_small_token_budget_chunks_every_prefill(checkpoint, in_process, referen
         _close(engine)
 
 
+def test_without_the_pair_scheduler_the_pairs_drift_and_it_is_counted(checkpoint, in_process, reference):
+    """The control: vLLM's own scheduler with the same processor and the same 16-token budget
+    splits pairs (cond's last chunk runs before uncond's), and the processor counts the tokens
+    drawn alone, so the zero asserted everywhere else is a measurement."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    engine = _engine(checkpoint, max_num_batched_tokens=16, max_num_seqs=16,
+                     scheduler_cls=f"{Scheduler.__module__}.{Scheduler.__qualname__}")
+    try:
+        before = cv.counters()
+        out = cv.generate(engine, PROMPTS, NEGATIVES, params=GREEDY)
+        assert _delta(before, engine)["degraded_tokens"] > 0
+        expected = [reference(p, n, GREEDY) for p, n in zip(PROMPTS, NEGATIVES)]
+        assert [o.token_ids for o in out] != expected
+    finally:
+        _close(engine)
+
+
 def test_small_kv_cache_forces_preemption(checkpoint, in_process, reference):
     """8 blocks of 32 tokens for 6 pairs of 2 blocks a member at the end: vLLM preempts, and pairs
     resume together."""
