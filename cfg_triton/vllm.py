@@ -32,6 +32,9 @@ import time
 import uuid
 
 import torch
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import RequestStatus
+from vllm.v1.sample.logits_processor import LogitsProcessor, MoveDirectionality
 
 from .params import GuidanceParams
 from .sampling import sample
@@ -156,7 +159,8 @@ def pair_params(params: GuidanceParams, seed: int, sampling_params=None):
     common = dict(max_tokens=params.max_new_tokens, temperature=0.0, ignore_eos=base.ignore_eos,
                   stop_token_ids=base.stop_token_ids, skip_special_tokens=base.skip_special_tokens,
                   logprobs=base.logprobs)
-    cond = SamplingParams(**common, stop=base.stop, include_stop_str_in_output=base.include_stop_str_in_output,
+    cond = SamplingParams(**common, stop=base.stop,
+                          include_stop_str_in_output=base.include_stop_str_in_output,
                           extra_args={TAG: {**tags, "role": "cond"}})
     uncond = SamplingParams(**common, detokenize=False, extra_args={TAG: {**tags, "role": "uncond"}})
     return cond, uncond
@@ -181,99 +185,94 @@ def _row(sampling_params, output_ids):
     return _Row(tag["pair"], tag["role"] == "cond", GuidanceParams(**fields), int(tag["seed"]), output_ids)
 
 
-def _processor_class():
-    from vllm.v1.sample.logits_processor import LogitsProcessor, MoveDirectionality
+class GuidanceProcessor(LogitsProcessor):
+    """Draws each pair's guided token and forces it into both of the pair's rows.
 
-    class GuidanceProcessor(LogitsProcessor):
-        """Draws each pair's guided token and forces it into both of the pair's rows.
+    Rows of untagged requests are left alone. A tagged row without its partner in the batch
+    is a partial prefill chunk (its sample is discarded) unless the scheduler failed: such a
+    row is drawn unguided (as are members whose outputs differ in length). Partial chunks are
+    not recognised when the draw happens; at the engine's next step, whose output grew says
+    which rows produced tokens: a cond token drawn alone, or beside an uncond row that did
+    not produce one (a partial chunk, so not the same position), is counted in
+    `degraded_tokens` and logged.
+    """
 
-        Rows of untagged requests are left alone. A tagged row without its partner in the batch
-        is a partial prefill chunk (its sample is discarded) unless the scheduler failed: such a
-        row is drawn unguided (as are members whose outputs differ in length). Partial chunks are
-        not recognised when the draw happens; at the engine's next step, whose output grew says
-        which rows produced tokens: a cond token drawn alone, or beside an uncond row that did
-        not produce one (a partial chunk, so not the same position), is counted in
-        `degraded_tokens` and logged.
-        """
+    def __init__(self, vllm_config, device, is_pin_memory):
+        self.rows: dict[int, _Row] = {}
+        # Rows drawn in the last step, with their output lengths then:
+        self.lone: list[tuple[_Row, int]] = []               # (row, length) drawn alone
+        self.paired: list[tuple[_Row, _Row, int]] = []       # (cond, uncond, length) drawn together
 
-        def __init__(self, vllm_config, device, is_pin_memory):
-            self.rows: dict[int, _Row] = {}
-            # Rows drawn in the last step, with their output lengths then:
-            self.lone: list[tuple[_Row, int]] = []               # (row, length) drawn alone
-            self.paired: list[tuple[_Row, _Row, int]] = []       # (cond, uncond, length) drawn together
+    @classmethod
+    def validate_params(cls, sampling_params):
+        tag = _tag(sampling_params)
+        if tag is not None:
+            if sampling_params.temperature != 0.0:
+                raise ValueError(f"requests tagged {TAG!r} must run at temperature 0 in vLLM "
+                                 "(their sampling is the guided draw); use pair_params()")
+            _row(sampling_params, [])  # checks the guidance parameters
 
-        @classmethod
-        def validate_params(cls, sampling_params):
-            tag = _tag(sampling_params)
-            if tag is not None:
-                if sampling_params.temperature != 0.0:
-                    raise ValueError(f"requests tagged {TAG!r} must run at temperature 0 in vLLM "
-                                     "(their sampling is the guided draw); use pair_params()")
-                _row(sampling_params, [])  # checks the guidance parameters
+    def is_argmax_invariant(self) -> bool:
+        return False
 
-        def is_argmax_invariant(self) -> bool:
-            return False
-
-        def update_state(self, batch_update):
-            # Known one step late, from whose output grew (a partial prefill chunk's draw is
-            # discarded): a cond token drawn alone, or beside an uncond row that was a partial chunk.
-            degraded = [row for row, length in self.lone if row.cond and len(row.output_ids) > length]
-            degraded += [cond for cond, uncond, length in self.paired
-                         if len(cond.output_ids) > length and len(uncond.output_ids) == length]
-            for row in degraded:
-                _count("degraded_tokens")
-                log.error("pair %s: its conditional request produced a token in a step its "
-                          "unconditional one did not (drawn without proper guidance)", row.pair)
-            self.lone, self.paired = [], []
-            if batch_update is None:
-                return
-            for index in batch_update.removed:
+    def update_state(self, batch_update):
+        # Known one step late, from whose output grew (a partial prefill chunk's draw is
+        # discarded): a cond token drawn alone, or beside an uncond row that was a partial chunk.
+        degraded = [row for row, length in self.lone if row.cond and len(row.output_ids) > length]
+        degraded += [cond for cond, uncond, length in self.paired
+                     if len(cond.output_ids) > length and len(uncond.output_ids) == length]
+        for row in degraded:
+            _count("degraded_tokens")
+            log.error("pair %s: its conditional request produced a token in a step its "
+                      "unconditional one did not (drawn without proper guidance)", row.pair)
+        self.lone, self.paired = [], []
+        if batch_update is None:
+            return
+        for index in batch_update.removed:
+            self.rows.pop(index, None)
+        for index, params, _, output_ids in batch_update.added:
+            row = _row(params, output_ids)
+            if row is None:
                 self.rows.pop(index, None)
-            for index, params, _, output_ids in batch_update.added:
-                row = _row(params, output_ids)
-                if row is None:
-                    self.rows.pop(index, None)
-                else:
-                    self.rows[index] = row
-            for a, b, direction in batch_update.moved:
-                ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
-                if ra is not None:
-                    self.rows[b] = ra
-                if rb is not None and direction == MoveDirectionality.SWAP:
-                    self.rows[a] = rb
+            else:
+                self.rows[index] = row
+        for a, b, direction in batch_update.moved:
+            ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
+            if ra is not None:
+                self.rows[b] = ra
+            if rb is not None and direction == MoveDirectionality.SWAP:
+                self.rows[a] = rb
 
-        def apply(self, logits: torch.Tensor) -> torch.Tensor:
-            if not self.rows:
-                return logits
-            pairs: dict[str, list] = {}
-            for index, row in self.rows.items():
-                if index < logits.shape[0]:
-                    pairs.setdefault(row.pair, [None, None])[0 if row.cond else 1] = (index, row)
-            groups: dict[bool, list] = {}  # normalized or mixed CFG: one `sample` call each
-            for cond, uncond in pairs.values():
-                # Members a token apart (the scheduler failed earlier) are not guided either.
-                lone = (cond is None or uncond is None
-                        or len(cond[1].output_ids) != len(uncond[1].output_ids))
-                if lone:
-                    for member in (cond, uncond):
-                        if member is not None:
-                            self.lone.append((member[1], len(member[1].output_ids)))
-                            groups.setdefault(member[1].params.mix is None, []).append((member, member, True))
-                    continue
-                self.paired.append((cond[1], uncond[1], len(cond[1].output_ids)))
-                groups.setdefault(cond[1].params.mix is None, []).append((cond, uncond, False))
-            rows, tokens = [], []
-            for normalized, members in groups.items():
-                drawn = _draw(logits, members, normalized).tolist()
-                for (cond, uncond, lone), token in zip(members, drawn):
-                    rows += [cond[0]] if lone else [cond[0], uncond[0]]
-                    tokens += [token] if lone else [token, token]
-            rows_t = torch.tensor(rows, device=logits.device)
-            logits[rows_t] = float("-inf")
-            logits[rows_t, torch.tensor(tokens, device=logits.device)] = 0.0
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.rows:
             return logits
-
-    return GuidanceProcessor
+        pairs: dict[str, list] = {}
+        for index, row in self.rows.items():
+            if index < logits.shape[0]:
+                pairs.setdefault(row.pair, [None, None])[0 if row.cond else 1] = (index, row)
+        groups: dict[bool, list] = {}  # normalized or mixed CFG: one `sample` call each
+        for cond, uncond in pairs.values():
+            # Members a token apart (the scheduler failed earlier) are not guided either.
+            lone = (cond is None or uncond is None
+                    or len(cond[1].output_ids) != len(uncond[1].output_ids))
+            if lone:
+                for member in (cond, uncond):
+                    if member is not None:
+                        self.lone.append((member[1], len(member[1].output_ids)))
+                        groups.setdefault(member[1].params.mix is None, []).append((member, member, True))
+                continue
+            self.paired.append((cond[1], uncond[1], len(cond[1].output_ids)))
+            groups.setdefault(cond[1].params.mix is None, []).append((cond, uncond, False))
+        rows, tokens = [], []
+        for normalized, members in groups.items():
+            drawn = _draw(logits, members, normalized).tolist()
+            for (cond, uncond, lone), token in zip(members, drawn):
+                rows += [cond[0]] if lone else [cond[0], uncond[0]]
+                tokens += [token] if lone else [token, token]
+        rows_t = torch.tensor(rows, device=logits.device)
+        logits[rows_t] = float("-inf")
+        logits[rows_t, torch.tensor(tokens, device=logits.device)] = 0.0
+        return logits
 
 
 def _draw(logits, members, normalized):
@@ -311,229 +310,220 @@ class _Step:
     reserved: dict = dataclasses.field(default_factory=dict)  # partner id -> tokens kept for it
 
 
-def _scheduler_class():
-    from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.request import RequestStatus
+class PairScheduler(Scheduler):
+    """vLLM's scheduler with the two members of a guided pair kept in lockstep.
 
-    class PairScheduler(Scheduler):
-        """vLLM's scheduler with the two members of a guided pair kept in lockstep.
+    A member *completes* in a step when the step runs the rest of its tokens (its last
+    prefill chunk, or a decode): it then samples. The invariant: a pair's members complete
+    in the same steps. Kept by three means:
 
-        A member *completes* in a step when the step runs the rest of its tokens (its last
-        prefill chunk, or a decode): it then samples. The invariant: a pair's members complete
-        in the same steps. Kept by three means:
+    * arrival: the first member is held until its partner arrives; both then queue together;
+    * the gate (`_reserve_prefill_lookahead`, called for every request the scheduler is about
+      to schedule, with the tokens it would run): the first member of a pair may complete
+      only when the budget left holds its partner's remaining tokens too (kept for it); a
+      member whose partner does not complete runs at most all but one of its tokens (a
+      decode then waits);
+    * the repair pass (before the step's output is committed): where a member would still
+      complete alone (its partner's allocation failed, the step's request limit), it runs
+      one token less, or when it runs one token only, it is taken out of the step
+      (preempted; a request admitted in this step is put back in the queue). Counted in
+      `repaired_steps`.
 
-        * arrival: the first member is held until its partner arrives; both then queue together;
-        * the gate (`_reserve_prefill_lookahead`, called for every request the scheduler is about
-          to schedule, with the tokens it would run): the first member of a pair may complete
-          only when the budget left holds its partner's remaining tokens too (kept for it); a
-          member whose partner does not complete runs at most all but one of its tokens (a
-          decode then waits);
-        * the repair pass (before the step's output is committed): where a member would still
-          complete alone (its partner's allocation failed, the step's request limit), it runs
-          one token less, or when it runs one token only, it is taken out of the step
-          (preempted; a request admitted in this step is put back in the queue). Counted in
-          `repaired_steps`.
+    A running member whose partner was preempted is preempted too, so pairs resume together;
+    a pair member finished or aborted finishes its partner.
+    """
 
-        A running member whose partner was preempted is preempted too, so pairs resume together;
-        a pair member finished or aborted finishes its partner.
-        """
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        config = self.scheduler_config
+        problems = []
+        if getattr(config, "async_scheduling", False):
+            problems.append("async scheduling (async_scheduling=False)")
+        if str(getattr(config, "policy", "fcfs")).lower().endswith("priority"):
+            problems.append("the priority policy (policy='fcfs')")
+        if getattr(config, "long_prefill_token_threshold", 0):
+            problems.append("long_prefill_token_threshold (0)")
+        if self.vllm_config.speculative_config is not None:
+            problems.append("speculative decoding")
+        if problems:
+            raise ValueError("cfg_triton's PairScheduler does not support " + ", ".join(problems))
+        self._partner: dict[str, str] = {}
+        self._held: dict[str, object] = {}  # pair -> the member that arrived first
+        self._step = _Step(0)
 
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            config = self.scheduler_config
-            problems = []
-            if getattr(config, "async_scheduling", False):
-                problems.append("async scheduling (async_scheduling=False)")
-            if str(getattr(config, "policy", "fcfs")).lower().endswith("priority"):
-                problems.append("the priority policy (policy='fcfs')")
-            if getattr(config, "long_prefill_token_threshold", 0):
-                problems.append("long_prefill_token_threshold (0)")
-            if self.vllm_config.speculative_config is not None:
-                problems.append("speculative decoding")
-            if problems:
-                raise ValueError("cfg_triton's PairScheduler does not support " + ", ".join(problems))
-            self._partner: dict[str, str] = {}
-            self._held: dict[str, object] = {}  # pair -> the member that arrived first
-            self._step = _Step(0)
+    # ---------------------------------------------------------------- arrival and exit
 
-        # ---------------------------------------------------------------- arrival and exit
+    def add_request(self, request) -> None:
+        tag = _tag(request.sampling_params)
+        if tag is None:
+            return super().add_request(request)
+        first = self._held.pop(tag["pair"], None)
+        if first is None:
+            self._held[tag["pair"]] = request
+            return
+        cond, uncond = (request, first) if tag["role"] == "cond" else (first, request)
+        self._partner[cond.request_id] = uncond.request_id
+        self._partner[uncond.request_id] = cond.request_id
+        super().add_request(cond)
+        super().add_request(uncond)
 
-        def add_request(self, request) -> None:
-            tag = _tag(request.sampling_params)
-            if tag is None:
-                return super().add_request(request)
-            first = self._held.pop(tag["pair"], None)
-            if first is None:
-                self._held[tag["pair"]] = request
-                return
-            cond, uncond = (request, first) if tag["role"] == "cond" else (first, request)
-            self._partner[cond.request_id] = uncond.request_id
-            self._partner[uncond.request_id] = cond.request_id
-            super().add_request(cond)
-            super().add_request(uncond)
+    def finish_requests(self, request_ids, finished_status):
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        if request_ids is not None:
+            request_ids = set(request_ids)
+            for held in list(self._held.values()):
+                if held.request_id in request_ids:
+                    self._held.pop(_tag(held.sampling_params)["pair"])
+            request_ids |= {self._partner[r] for r in request_ids if r in self._partner}
+        finished = super().finish_requests(request_ids, finished_status)
+        self._forget()
+        return finished
 
-        def finish_requests(self, request_ids, finished_status):
-            if isinstance(request_ids, str):
-                request_ids = [request_ids]
-            if request_ids is not None:
-                request_ids = set(request_ids)
-                for held in list(self._held.values()):
-                    if held.request_id in request_ids:
-                        self._held.pop(_tag(held.sampling_params)["pair"])
-                request_ids |= {self._partner[r] for r in request_ids if r in self._partner}
-            finished = super().finish_requests(request_ids, finished_status)
-            self._forget()
-            return finished
+    def update_from_output(self, scheduler_output, model_runner_output):
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        # Both members stop on the same token; a member gone alone (a stop the front end
+        # saw on cond only) takes its partner with it.
+        orphans = [p for r, p in self._partner.items() if r not in self.requests and p in self.requests]
+        if orphans:
+            super().finish_requests(orphans, RequestStatus.FINISHED_ABORTED)
+        self._forget()
+        return outputs
 
-        def update_from_output(self, scheduler_output, model_runner_output):
-            outputs = super().update_from_output(scheduler_output, model_runner_output)
-            # Both members stop on the same token; a member gone alone (a stop the front end
-            # saw on cond only) takes its partner with it.
-            orphans = [p for r, p in self._partner.items() if r not in self.requests and p in self.requests]
-            if orphans:
-                super().finish_requests(orphans, RequestStatus.FINISHED_ABORTED)
-            self._forget()
-            return outputs
+    def _partner_of(self, request_id):
+        return self.requests.get(self._partner.get(request_id, ""))
 
-        def _partner_of(self, request_id):
-            return self.requests.get(self._partner.get(request_id, ""))
+    def _forget(self):
+        for r in [r for r in self._partner if r not in self.requests]:
+            self._partner.pop(r)
 
-        def _forget(self):
-            for r in [r for r in self._partner if r not in self.requests]:
-                self._partner.pop(r)
+    # ---------------------------------------------------------------- one step
 
-        # ---------------------------------------------------------------- one step
+    def schedule(self, *args, **kwargs):
+        self._pair_preemptions()
+        self._pair_running()
+        self._step = _Step(min(self.max_num_scheduled_tokens, self.scheduler_config.max_num_batched_tokens))
+        return super().schedule(*args, **kwargs)
 
-        def schedule(self, *args, **kwargs):
-            self._pair_preemptions()
-            self._pair_running()
-            self._step = _Step(min(self.max_num_scheduled_tokens, self.scheduler_config.max_num_batched_tokens))
-            return super().schedule(*args, **kwargs)
-
-        def _pair_preemptions(self):
-            """Preempts each running member whose partner was preempted: both resume together."""
-            lone = [r for r in self.running
-                    if getattr(self._partner_of(r.request_id), "status", None) == RequestStatus.PREEMPTED]
-            for request in lone:
-                self.running.remove(request)
-                self._preempt_request(request, time.monotonic())
-
-        def _pair_running(self):
-            """Puts each running pair's members next to each other (the first one's place)."""
-            running = {id(r) for r in self.running}
-            ordered, placed = [], set()
-            for request in self.running:
-                if id(request) in placed:
-                    continue
-                ordered.append(request)
-                placed.add(id(request))
-                partner = self._partner_of(request.request_id)
-                if partner is not None and id(partner) in running and id(partner) not in placed:
-                    ordered.append(partner)
-                    placed.add(id(partner))
-            self.running = ordered
-
-        def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
-            n = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
-            step, rid = self._step, request.request_id
-            remaining = request.num_tokens - num_computed_tokens  # the token that samples included
-            free = step.budget - sum(step.reserved.values())
-            partner = self._partner_of(rid)
-            if partner is None:
-                n = min(n, free)
-            elif partner.request_id in step.decided:  # the partner went first in this step
-                if rid in step.reserved:
-                    n = min(n, step.reserved.pop(rid) + free)
-                else:
-                    n = min(n, remaining - 1, free)
-            else:
-                partner_left = partner.num_tokens - partner.num_computed_tokens
-                if n >= remaining and remaining + partner_left <= free and self._partner_follows(request, partner):
-                    n = remaining
-                    step.reserved[partner.request_id] = partner_left
-                else:
-                    n = min(n, remaining - 1, free)
-            n = max(n, 0)
-            step.decided.add(rid)
-            step.budget -= n
-            return n
-
-        def _partner_follows(self, request, partner) -> bool:
-            """Whether `partner` is scheduled right after `request` in this step, barring a
-            failed allocation (which the repair pass handles)."""
-            if partner.status == RequestStatus.RUNNING:
-                return request.status != RequestStatus.RUNNING or partner in self.running
-            # The partner waits: admitted next only from the head of the queue, with room for two.
-            room = len(self.running) + (request.status != RequestStatus.RUNNING) + 1 <= self.max_num_running_reqs
-            return room and not self.kv_holding_waiting and bool(self.waiting) and (
-                self.waiting.peek_request() is partner
-                or (request.status != RequestStatus.RUNNING and self._second_in_queue(partner)))
-
-        def _second_in_queue(self, partner) -> bool:
-            queue = iter(self.waiting)
-            next(queue, None)
-            return next(queue, None) is partner
-
-        def _preempt_request(self, request, *args, **kwargs):
-            if request.request_id in self._partner:
-                _count("preempted_members")
-            return super()._preempt_request(request, *args, **kwargs)
-
-        def _update_after_schedule(self, scheduler_output) -> None:
-            scheduled = scheduler_output.num_scheduled_tokens
-            for rid in list(scheduled):
-                partner = self._partner_of(rid)
-                if partner is None or rid not in scheduled:
-                    continue
-                request = self.requests[rid]
-                if self._completes(request, scheduled) and not self._completes(partner, scheduled):
-                    self._repair(scheduler_output, request)
-            guided = sum(1 for rid in scheduled if rid in self._partner and self._completes(self.requests[rid], scheduled)
-                         and _tag(self.requests[rid].sampling_params)["role"] == "cond")
-            if guided:
-                _count("guided_tokens", guided)
-            super()._update_after_schedule(scheduler_output)
-
-        @staticmethod
-        def _completes(request, scheduled) -> bool:
-            return scheduled.get(request.request_id, 0) >= request.num_tokens - request.num_computed_tokens
-
-        def _repair(self, out, request):
-            """Keeps `request` from completing in this step (its partner does not)."""
-            _count("repaired_steps")
-            rid = request.request_id
-            if out.num_scheduled_tokens[rid] > 1:
-                out.num_scheduled_tokens[rid] -= 1
-                out.total_num_scheduled_tokens -= 1
-                return
-            out.total_num_scheduled_tokens -= out.num_scheduled_tokens.pop(rid)
-            self.prev_step_scheduled_req_ids.discard(rid)
+    def _pair_preemptions(self):
+        """Preempts each running member whose partner was preempted: both resume together."""
+        lone = [r for r in self.running
+                if getattr(self._partner_of(r.request_id), "status", None) == RequestStatus.PREEMPTED]
+        for request in lone:
             self.running.remove(request)
-            new = [d for d in out.scheduled_new_reqs if d.req_id == rid]
-            if new:  # admitted in this step: the worker has not seen it, so back to the queue
-                out.scheduled_new_reqs.remove(new[0])
-                self.kv_cache_manager.free(request)
-                request.status = RequestStatus.WAITING
-                request.num_computed_tokens = 0
-                self.waiting.prepend_request(request)
-                return
-            cached = out.scheduled_cached_reqs
-            i = cached.req_ids.index(rid)
-            for field in ("req_ids", "new_token_ids", "new_block_ids", "num_computed_tokens",
-                          "num_output_tokens"):
-                values = getattr(cached, field)
-                if len(values) > i:
-                    del values[i]
-            cached.resumed_req_ids.discard(rid)
-            cached.all_token_ids.pop(rid, None)
-            self._preempt_request(request, time.monotonic())  # adds rid to this step's preempted ids
+            self._preempt_request(request, time.monotonic())
 
-    return PairScheduler
+    def _pair_running(self):
+        """Puts each running pair's members next to each other (the first one's place)."""
+        running = {id(r) for r in self.running}
+        ordered, placed = [], set()
+        for request in self.running:
+            if id(request) in placed:
+                continue
+            ordered.append(request)
+            placed.add(id(request))
+            partner = self._partner_of(request.request_id)
+            if partner is not None and id(partner) in running and id(partner) not in placed:
+                ordered.append(partner)
+                placed.add(id(partner))
+        self.running = ordered
 
+    def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
+        n = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+        step, rid = self._step, request.request_id
+        remaining = request.num_tokens - num_computed_tokens  # the token that samples included
+        free = step.budget - sum(step.reserved.values())
+        partner = self._partner_of(rid)
+        if partner is None:
+            n = min(n, free)
+        elif partner.request_id in step.decided:  # the partner went first in this step
+            if rid in step.reserved:
+                n = min(n, step.reserved.pop(rid) + free)
+            else:
+                n = min(n, remaining - 1, free)
+        else:
+            partner_left = partner.num_tokens - partner.num_computed_tokens
+            follows = self._partner_follows(request, partner)
+            if n >= remaining and remaining + partner_left <= free and follows:
+                n = remaining
+                step.reserved[partner.request_id] = partner_left
+            else:
+                n = min(n, remaining - 1, free)
+        n = max(n, 0)
+        step.decided.add(rid)
+        step.budget -= n
+        return n
 
-# Importable by name, as vLLM's `scheduler_cls` and `logits_processors` settings take them.
-GuidanceProcessor = _processor_class()
-PairScheduler = _scheduler_class()
+    def _partner_follows(self, request, partner) -> bool:
+        """Whether `partner` is scheduled right after `request` in this step, barring a
+        failed allocation (which the repair pass handles)."""
+        if partner.status == RequestStatus.RUNNING:
+            return request.status != RequestStatus.RUNNING or partner in self.running
+        # The partner waits: admitted next only from the head of the queue, with room for two.
+        room = len(self.running) + (request.status != RequestStatus.RUNNING) + 1 <= self.max_num_running_reqs
+        return room and not self.kv_holding_waiting and bool(self.waiting) and (
+            self.waiting.peek_request() is partner
+            or (request.status != RequestStatus.RUNNING and self._second_in_queue(partner)))
+
+    def _second_in_queue(self, partner) -> bool:
+        queue = iter(self.waiting)
+        next(queue, None)
+        return next(queue, None) is partner
+
+    def _preempt_request(self, request, *args, **kwargs):
+        if request.request_id in self._partner:
+            _count("preempted_members")
+        return super()._preempt_request(request, *args, **kwargs)
+
+    def _update_after_schedule(self, scheduler_output) -> None:
+        scheduled = scheduler_output.num_scheduled_tokens
+        for rid in list(scheduled):
+            partner = self._partner_of(rid)
+            if partner is None or rid not in scheduled:
+                continue
+            request = self.requests[rid]
+            if self._completes(request, scheduled) and not self._completes(partner, scheduled):
+                self._repair(scheduler_output, request)
+        members = [self.requests[rid] for rid in scheduled if rid in self._partner]
+        guided = sum(1 for r in members
+                     if _tag(r.sampling_params)["role"] == "cond" and self._completes(r, scheduled))
+        if guided:
+            _count("guided_tokens", guided)
+        super()._update_after_schedule(scheduler_output)
+
+    @staticmethod
+    def _completes(request, scheduled) -> bool:
+        return scheduled.get(request.request_id, 0) >= request.num_tokens - request.num_computed_tokens
+
+    def _repair(self, out, request):
+        """Keeps `request` from completing in this step (its partner does not)."""
+        _count("repaired_steps")
+        rid = request.request_id
+        if out.num_scheduled_tokens[rid] > 1:
+            out.num_scheduled_tokens[rid] -= 1
+            out.total_num_scheduled_tokens -= 1
+            return
+        out.total_num_scheduled_tokens -= out.num_scheduled_tokens.pop(rid)
+        self.prev_step_scheduled_req_ids.discard(rid)
+        self.running.remove(request)
+        new = [d for d in out.scheduled_new_reqs if d.req_id == rid]
+        if new:  # admitted in this step: the worker has not seen it, so back to the queue
+            out.scheduled_new_reqs.remove(new[0])
+            self.kv_cache_manager.free(request)
+            request.status = RequestStatus.WAITING
+            request.num_computed_tokens = 0
+            self.waiting.prepend_request(request)
+            return
+        cached = out.scheduled_cached_reqs
+        i = cached.req_ids.index(rid)
+        for field in ("req_ids", "new_token_ids", "new_block_ids", "num_computed_tokens",
+                      "num_output_tokens"):
+            values = getattr(cached, field)
+            if len(values) > i:
+                del values[i]
+        cached.resumed_req_ids.discard(rid)
+        cached.all_token_ids.pop(rid, None)
+        self._preempt_request(request, time.monotonic())  # adds rid to this step's preempted ids
 
 
 def engine_args(**overrides) -> dict:
@@ -557,11 +547,15 @@ def engine_args(**overrides) -> dict:
 
 @dataclasses.dataclass
 class Completion:
-    """One prompt's result: the generated token ids and text, and why it ended."""
+    """One prompt's result: the generated token ids and text, and why it ended ("stop": an EOS or
+    stop token or a stop string; "length"). `logprobs`, when `sampling_params.logprobs` asked
+    for them, are vLLM's for the conditional branch (its raw log-probabilities), not the
+    guided distribution's."""
 
     token_ids: list[int]
     text: str
     finish_reason: str | None
+    logprobs: list | None = None
 
 
 def generate(llm, prompts, negative_prompts=None, *, guidance_scale: float = 1.5,
@@ -606,7 +600,7 @@ def generate(llm, prompts, negative_prompts=None, *, guidance_scale: float = 1.5
             if output.request_id in pending and output.finished:
                 i = pending.pop(output.request_id)
                 done = output.outputs[0]
-                results[i] = Completion(list(done.token_ids), done.text, done.finish_reason)
+                results[i] = Completion(list(done.token_ids), done.text, done.finish_reason, done.logprobs)
                 engine.abort_request([output.request_id + "/uncond"])
     return results
 
@@ -641,7 +635,8 @@ class VllmEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=str(model), **engine_args(**engine_kwargs)))
+        args = AsyncEngineArgs(model=str(model), **engine_args(**engine_kwargs))
+        self._llm = AsyncLLM.from_engine_args(args)
         self.tokenizer = self._llm.get_tokenizer()
         self.context_length = self._llm.model_config.max_model_len
         self.eos_token_ids = {self.tokenizer.eos_token_id} - {None}

@@ -63,6 +63,7 @@ def reference(checkpoint):
                 return tokens[: i + 1]
         return tokens
 
+    run.model, run.tokenizer = model, tokenizer
     return run
 
 
@@ -170,6 +171,23 @@ def test_stop_strings_end_the_pair(llm):
     assert out[0].finish_reason == "stop" and out[0].text.endswith("United ")
     assert not llm.llm_engine.has_unfinished_requests()  # the unconditional request ended too
     assert _delta(before, llm)["degraded_tokens"] == 0
+
+
+def test_logprobs_are_the_conditional_branchs(llm, reference):
+    """What `logprobs` returns on a guided request: vLLM's raw log-probabilities of the conditional
+    branch (documented), here checked against the model's own log-softmax at each chosen token."""
+    from vllm import SamplingParams
+
+    out = cv.generate(llm, PROMPTS[:1], guidance_scale=1.5,
+                      sampling_params=SamplingParams(temperature=0, max_tokens=6, logprobs=1))[0]
+    assert len(out.logprobs) == len(out.token_ids)
+    ids = reference.tokenizer(PROMPTS[0]).input_ids
+    with torch.no_grad():
+        logits = reference.model(torch.tensor([ids + out.token_ids])).logits[0].double()
+    conditional = logits.log_softmax(-1)[len(ids) - 1: -1]
+    for t, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+        # float32 forwards by two implementations: agreement to 1e-3 nats.
+        assert abs(entry[token].logprob - conditional[t, token].item()) < 1e-3
 
 
 def test_refused_parameters(llm):
