@@ -28,8 +28,7 @@ from typing import AsyncIterator
 import torch
 
 from .ops import guidance
-from .params import GuidanceParams
-from .sampling import sample
+from .params import GuidanceParams, sample_requests
 from .server import EngineUnavailable, Output, branches
 
 TESTED_TRANSFORMERS = "5.24"
@@ -380,28 +379,18 @@ class TransformersEngine:
 
     def _draw(self, logits, rows, normalized):
         """One `sample` call for `rows` [(cond row, uncond row, request, step)] of one mode."""
-        device = logits.device
         cond = logits[[i for i, *_ in rows]]
         uncond = logits[[j for _, j, *_ in rows]]
         params = [r[2].params for r in rows]
-        column = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
-        gamma = column([p.guidance_scale for p in params])
-        mix = None if normalized else column([p.mix for p in params])
-        filters = {}
-        if any(p.top_k for p in params):
-            filters["top_k"] = column([p.top_k or 0 for p in params], torch.int64)
-        if any(p.top_p for p in params):
-            filters["top_p"] = column([p.top_p or 1.0 for p in params])
-        if any(p.min_p for p in params):
-            filters["min_p"] = column([p.min_p or 0.0 for p in params])
-        tokens = sample(cond, uncond, gamma, mix=mix, temperature=column([p.temperature for p in params]),
-                        seed=column([r[2].seed for r in rows], torch.int64),
-                        step=column([r[3] for r in rows], torch.int64), row=0, **filters)
+        tokens = sample_requests(cond, uncond, params, [r[2].seed for r in rows], [r[3] for r in rows],
+                                 normalized=normalized)
         wanted = [k for k, r in enumerate(rows) if r[2].logprobs is not None]
         if wanted:
             # Log-probabilities of the guided distribution (before temperature and filters).
-            scores = guidance(cond[wanted], uncond[wanted], gamma[wanted],
-                              mix=None if mix is None else mix[wanted]).log_softmax(-1)
+            picked = [params[k] for k in wanted]
+            gamma = torch.tensor([p.guidance_scale for p in picked], device=logits.device)
+            mix = None if normalized else torch.tensor([p.mix for p in picked], device=logits.device)
+            scores = guidance(cond[wanted], uncond[wanted], gamma, mix=mix).log_softmax(-1)
             for k, lp in zip(wanted, scores):
                 request, token = rows[k][2], int(tokens[k])
                 top = []

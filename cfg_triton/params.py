@@ -6,6 +6,8 @@ import dataclasses
 import math
 import numbers
 
+import torch
+
 from .processors import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 # |γ| beyond this is no longer guidance but the difference of the branches alone (and the CLI's bound).
@@ -96,3 +98,32 @@ class GuidanceParams:
             kwargs.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                           min_p=self.min_p)
         return kwargs
+
+
+def sample_requests(cond, uncond, params: list[GuidanceParams], seeds, steps, *, normalized: bool,
+                    guided=None):
+    """One `cfg_triton.sample` call over rows of different requests: row r with `params[r]`.
+
+    `cond`, `uncond`: `[N, V]` logits; `normalized`: no row has a mix (`sample` takes a mix for
+    every row or none, so the two modes are separate calls); `guided`: per-row flags, a False row
+    drawn without guidance (γ = 1, α = 1: its `uncond` row is not used). The noise is keyed by
+    (`seeds[r]`, row 0, `steps[r]`), so a request draws the same wherever the batch puts it.
+    Returns the `[N]` token ids.
+    """
+    from .sampling import sample
+
+    def column(values, dtype=torch.float32):
+        return torch.tensor(values, dtype=dtype, device=cond.device)
+
+    guided = [True] * len(params) if guided is None else guided
+    gamma = column([p.guidance_scale if g else 1.0 for p, g in zip(params, guided)])
+    mix = None if normalized else column([p.mix if g else 1.0 for p, g in zip(params, guided)])
+    filters = {}
+    if any(p.top_k for p in params):
+        filters["top_k"] = column([p.top_k or 0 for p in params], torch.int64)
+    if any(p.top_p for p in params):
+        filters["top_p"] = column([p.top_p or 1.0 for p in params])
+    if any(p.min_p for p in params):
+        filters["min_p"] = column([p.min_p or 0.0 for p in params])
+    return sample(cond, uncond, gamma, mix=mix, temperature=column([p.temperature for p in params]),
+                  seed=column(seeds, torch.int64), step=column(steps, torch.int64), row=0, **filters)

@@ -36,8 +36,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 from vllm.v1.sample.logits_processor import LogitsProcessor, MoveDirectionality
 
-from .params import GuidanceParams
-from .sampling import sample
+from .params import GuidanceParams, sample_requests
 
 TESTED_VLLM = "0.32"
 TAG = "cfg_triton"  # the key of SamplingParams.extra_args that marks a pair member
@@ -277,26 +276,12 @@ class GuidanceProcessor(LogitsProcessor):
 
 def _draw(logits, members, normalized):
     """One `sample` call over pairs [((cond row, _Row), (uncond row, _Row), lone)] of one mode;
-    a lone row is drawn without guidance (γ = 1, no mix)."""
-    device = logits.device
-    column = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
-    params = [c[1].params for c, _, _ in members]
-    lone = [flag for *_, flag in members]
-    cond = logits[[c[0] for c, _, _ in members]].float()
-    uncond = logits[[u[0] for _, u, _ in members]].float()
-    gamma = column([1.0 if alone else p.guidance_scale for p, alone in zip(params, lone)])
-    mix = None if normalized else column([1.0 if alone else p.mix for p, alone in zip(params, lone)])
-    filters = {}
-    if any(p.top_k for p in params):
-        filters["top_k"] = column([p.top_k or 0 for p in params], torch.int64)
-    if any(p.top_p for p in params):
-        filters["top_p"] = column([p.top_p or 1.0 for p in params])
-    if any(p.min_p for p in params):
-        filters["min_p"] = column([p.min_p or 0.0 for p in params])
-    return sample(cond, uncond, gamma, mix=mix, temperature=column([p.temperature for p in params]),
-                  seed=column([c[1].seed for c, _, _ in members], torch.int64),
-                  step=column([len(c[1].output_ids) for c, _, _ in members], torch.int64), row=0,
-                  **filters)
+    a lone row is drawn without guidance."""
+    return sample_requests(logits[[c[0] for c, _, _ in members]].float(),
+                           logits[[u[0] for _, u, _ in members]].float(),
+                           [c[1].params for c, _, _ in members], [c[1].seed for c, _, _ in members],
+                           [len(c[1].output_ids) for c, _, _ in members], normalized=normalized,
+                           guided=[not lone for *_, lone in members])
 
 
 # ------------------------------------------------------------------------------ pair scheduler

@@ -481,3 +481,30 @@ def test_row_keys_a_draw_wherever_it_sits():
     assert together.tolist() == alone
     by_position = cfg_triton.sample(cond, uncond, 1.5, temperature=1.0, seed=seeds, step=steps)
     assert by_position[0] == together[0] and by_position.tolist() != together.tolist()
+
+
+def test_sample_requests_draws_each_row_with_its_own_parameters():
+    """The engines' batched draw (`params.sample_requests`): every row equals a `sample` call of
+    that row alone with its request's parameters; an unguided row ignores its uncond row."""
+    from cfg_triton.params import GuidanceParams, sample_requests
+
+    torch.manual_seed(4)
+    cond, uncond = torch.randn(4, 300) * 3, torch.randn(4, 300) * 3
+    params = [GuidanceParams(guidance_scale=1.5),
+              GuidanceParams(guidance_scale=3.0, temperature=0.8, top_k=20),
+              GuidanceParams(guidance_scale=2.0, temperature=1.2, top_p=0.9, min_p=0.05),
+              GuidanceParams(guidance_scale=0.5, temperature=1.0)]
+    seeds, steps = [11, 12, 13, 14], [0, 5, 2, 7]
+    guided = [True, True, True, False]
+    tokens = sample_requests(cond, uncond, params, seeds, steps, normalized=True, guided=guided)
+    for i, p in enumerate(params):
+        filters = {k: getattr(p, k) for k in ("top_k", "top_p", "min_p") if getattr(p, k) is not None}
+        other = uncond[i:i + 1] if guided[i] else cond[i:i + 1]
+        alone = cfg_triton.sample(cond[i:i + 1], other, p.guidance_scale if guided[i] else 1.0,
+                                  temperature=p.temperature, seed=seeds[i], step=steps[i], **filters)
+        assert int(tokens[i]) == int(alone), i
+    mixed = sample_requests(cond, uncond, [GuidanceParams(guidance_scale=2.0, mix=0.7)] * 4, seeds, steps,
+                            normalized=False)
+    assert mixed.tolist() == cfg_triton.sample(cond, uncond, 2.0, mix=0.7, temperature=torch.zeros(4),
+                                               seed=torch.tensor(seeds), step=torch.tensor(steps),
+                                               row=0).tolist()
