@@ -624,7 +624,6 @@ class VllmEngine:
         self._llm = AsyncLLM.from_engine_args(args)
         self.tokenizer = self._llm.get_tokenizer()
         self.context_length = self._llm.model_config.max_model_len
-        self.eos_token_ids = {self.tokenizer.eos_token_id} - {None}
 
     def running(self) -> bool:
         return not self._llm.errored

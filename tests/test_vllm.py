@@ -316,6 +316,10 @@ def test_serve_engine_vllm(checkpoint, reference, tmp_path):
         with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=120) as s:
             events = [line for line in s.iter_lines() if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]" and len(events) > 3
+        # γ = 1: one plain request, sampled by vLLM (greedy here): the unguided reference.
+        r = httpx.post(url + "/v1/completions", json={**body, "guidance_scale": 1}, timeout=120)
+        plain = dataclasses.replace(GREEDY, guidance_scale=1.0)
+        assert r.json()["choices"][0]["text"] == tokenizer.decode(reference(PROMPTS[1], None, plain))
         r = httpx.post(url + "/v1/completions", json={**body, "logprobs": 1}, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
         health = httpx.get(url + "/health", timeout=5).json()
