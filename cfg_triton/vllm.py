@@ -517,7 +517,9 @@ def engine_args(**overrides) -> dict:
 
     Also sets, unless set already, `VLLM_USE_V2_MODEL_RUNNER=0` in this process's environment
     (the processor and the scheduler are written for the v1 model runner) and `COUNTERS_ENV`.
+    Raises ImportError when vLLM lacks a hook the scheduler or processor use (`check_vllm`).
     """
+    check_vllm()
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     # Inherited by the engine processes: where their counters go (see `counters()`).
     os.environ.setdefault(COUNTERS_ENV, os.path.join(tempfile.mkdtemp(prefix="cfg_triton_vllm-"), "counters"))
@@ -616,7 +618,6 @@ class VllmEngine:
     guided_logprobs = False
 
     def __init__(self, model: str, **engine_kwargs):
-        check_vllm()
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 

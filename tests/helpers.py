@@ -1,3 +1,6 @@
+import contextlib
+import os
+
 import torch
 
 from cfg_triton import reference
@@ -39,3 +42,17 @@ def assert_matches(out: torch.Tensor, ref: torch.Tensor, scale: float = None):
     atol = 64 * torch.finfo(torch.float32).eps * scale
     rtol = torch.finfo(out.dtype).eps
     torch.testing.assert_close(out[finite].double(), ref[finite], atol=atol, rtol=rtol)
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str):
+    """Sets an environment variable for the duration, then restores it (or its absence)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before

@@ -23,6 +23,7 @@ pytest.importorskip("uvicorn")
 from cfg_triton import generate  # noqa: E402
 from cfg_triton.continuous import TransformersEngine, _pair_chunks  # noqa: E402
 from cfg_triton.params import GuidanceParams, ParamError  # noqa: E402
+from helpers import environment  # noqa: E402
 
 pytestmark = pytest.mark.model
 
@@ -66,13 +67,8 @@ def _wait_idle(engine, timeout=20.0):
 def torch_path():
     """The torch path for CPU tensors, for the whole module: the engine's thread samples too, and
     the interpreted kernels are covered by their own tests."""
-    before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    yield
-    if before is None:
-        os.environ.pop("TRITON_INTERPRET")
-    else:
-        os.environ["TRITON_INTERPRET"] = before
+    with environment("TRITON_INTERPRET", "0"):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ import cfg_triton  # noqa: E402
 from cfg_triton import models  # noqa: E402
 from cfg_triton import vllm as cv  # noqa: E402
 from cfg_triton.params import GuidanceParams  # noqa: E402
+from helpers import environment  # noqa: E402
 
 pytestmark = pytest.mark.model
 
@@ -79,13 +80,8 @@ def _engine(checkpoint, **overrides):
 
 @pytest.fixture(scope="module")
 def in_process():
-    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    yield
-    if previous is None:
-        os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-    else:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+    with environment("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
+        yield
 
 
 @pytest.fixture(scope="module")
