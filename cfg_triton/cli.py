@@ -195,15 +195,48 @@ def _serve(args, parser) -> int:
                                     page_size=pick(args.page_size, 64),
                                     max_batch_tokens=pick(args.max_batch_tokens, 256),
                                     max_requests=pick(args.max_requests, 64))
-        described = f"KV cache: {engine.max_sequence_tokens} tokens"
+        described = f"KV cache: {engine.capacity_pages} pages of {engine.page_size} tokens"
     print(f"cfg-triton serve: {args.model} on http://{args.host}:{args.port}/v1 ({described})",
           file=sys.stderr, flush=True)
+    import signal
+
+    def stopped(signum, frame):
+        raise _Stopped(signum)
+
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again with the handlers
+    # it found: with the default ones the process would die there, before the engine is stopped.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stopped)
     try:
         uvicorn.run(create_app(engine, args.model_name or args.model), host=args.host, port=args.port,
                     log_level="warning")
+    except _Stopped:
+        pass
     finally:
-        engine.stop()
+        try:
+            engine.stop()
+        finally:
+            _end_children()
     return 0
+
+
+class _Stopped(Exception):
+    """SIGTERM or SIGINT, after uvicorn's graceful shutdown."""
+
+
+def _end_children(grace: float = 5.0):
+    """Ends the processes this one started (an engine's workers) that are still alive: asked
+    first (SIGTERM), then killed after `grace` seconds, so that no engine outlives the server."""
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(grace)
+        if child.is_alive():
+            child.kill()
+            child.join(grace)
 
 
 def _eval(args, parser) -> int:

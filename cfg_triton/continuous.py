@@ -29,7 +29,7 @@ import torch
 
 from .ops import guidance
 from .params import GuidanceParams, sample_requests
-from .server import EngineUnavailable, Output, branches
+from .engine import EngineUnavailable, Output, branches
 
 TESTED_TRANSFORMERS = "5.24"
 log = logging.getLogger("cfg_triton.serve")
@@ -43,14 +43,16 @@ _HOOKS = (
     ("scheduler", "Scheduler._schedule_request"),
     ("scheduler", "Scheduler._try_to_meet_safety_margin"),
     ("model_runner", "ModelRunner._sample"),               # replaced per instance: the fused draw
-    ("model_runner", "infer_max_single_request_tokens"),   # the longest request the cache holds
+    ("scheduler", "Scheduler.clear_cancelled_requests"),   # extended: a cancellation unblocks
+    ("cache", "PagedAttentionCache.can_store_request_tokens"),
     ("continuous_api", "ContinuousBatchingManager._create_batch_processor"),
     ("requests", "RequestState._true_initial_tokens"),     # a soft reset moves outputs into the prompt
 )
 # ... and instance attributes, exercised by every request of tests/test_serve.py: the manager's
 # `batch_processor` and `output_router` (its `result_handlers` and `_lock`: per-request delivery to
 # asyncio queues), the processor's `scheduler`, `model_runner`, `cache` and
-# `inputs_and_outputs.requests_in_batch` (the rows of a step), the cache allocators' `block_table`.
+# `inputs_and_outputs.requests_in_batch` (the rows of a step), the cache's `num_sectors` and
+# `cache_allocators` (their `needs_new_blocks` and `block_table`).
 
 
 def check_engine():
@@ -115,12 +117,32 @@ def _pair_chunks(lengths, budget):
     return chunks if any(chunks) else None
 
 
+def _pages(cache, length) -> int:
+    """KV-cache pages a sequence of `length` tokens holds at most, summed over the cache's allocators
+    (one per attention type; a sliding-window allocator holds at most its window)."""
+    return sum(allocator.needs_new_blocks("", 0, length) for allocator in cache.cache_allocators.values())
+
+
+def _capacity(cache) -> int:
+    """The pages the cache can hand out: one per sector. A sector holds one page of one allocator
+    or several; an allocator's sectors each hold at least one of its used pages (fully free
+    sectors go back to the pool before every step), so pages in use bound sectors in use."""
+    return cache.num_sectors
+
+
 def _scheduler_class():
     from transformers.generation.continuous_batching.requests import FutureRequestState, RequestStatus
     from transformers.generation.continuous_batching.scheduler import FIFOScheduler
 
     class PairScheduler(FIFOScheduler):
         """FIFO scheduling in units: an unguided request alone, a guided one with its partner.
+
+        Admission reserves a unit's whole life in the cache: every member's prompt plus
+        `max_new_tokens`, in pages. A unit is admitted (its members become active) only when
+        its reservation fits beside those of the units already admitted, and in arrival order:
+        a unit that does not fit holds back the units behind it. An admitted unit therefore
+        never runs out of cache, is never offloaded, and ends within its own token count of
+        steps once the units before it have; nothing waits forever.
 
         `partners` (set by the engine) maps each member's request id to its partner's.
         """
@@ -138,11 +160,36 @@ def _scheduler_class():
                     yield [state]
                     continue
                 seen.add(partner_id)
-                # Look the partner up wherever it is: queued, offloaded (waiting) or active, even
-                # while new requests are blocked, or a pair split by offloading would never resume.
+                # Look the partner up wherever it is: queued or active.
                 partner = self.active_requests.get(partner_id) or self.waiting_requests.get(partner_id)
                 if partner is not None:  # else: not arrived yet, or being cancelled
                     yield [state, partner]
+
+        def unit_pages(self, unit) -> int:
+            """Pages `unit` (its members' states) reserves: each member's prompt plus its
+            `max_new_tokens`, rounded up to whole pages per member."""
+            return sum(_pages(self.cache, len(s.initial_tokens) + (s.max_new_tokens or 0)) for s in unit)
+
+        def reserved_pages(self) -> int:
+            """Pages reserved by the admitted units (those with a member active)."""
+            units, seen = [], set()
+            for rid, state in self.active_requests.items():
+                if rid in seen:
+                    continue
+                partner = self.partners.get(rid)
+                unit = [state]
+                if partner is not None:
+                    seen.add(partner)
+                    other = self.active_requests.get(partner) or self.waiting_requests.get(partner)
+                    unit += [other] if other is not None else []
+                units.append(unit)
+            return sum(self.unit_pages(u) for u in units)
+
+        def clear_cancelled_requests(self):
+            cancelled = super().clear_cancelled_requests()
+            if cancelled:  # a request that ends by cancellation frees its pages as one that finishes
+                self.block_new_requests = False
+            return cancelled
 
         def _process_candidates(self, candidates, token_budget, cache_budget, remove_from_waiting):
             scheduled, allocation_failed = [], False
@@ -151,12 +198,24 @@ def _scheduler_class():
             start_tokens, start_cache = token_budget, cache_budget
             requests_left = self.max_requests_per_batch
             in_margin = self._try_to_meet_safety_margin()
+            free_pages = _capacity(self.cache) - self.reserved_pages()
+            admitting = True  # FIFO admission: the first unit that does not fit stops the rest
             for unit in self._units(candidates):
+                admitted = any(s.request_id in self.active_requests for s in unit)
+                if not admitted:
+                    if not admitting:
+                        continue
+                    pages = self.unit_pages(unit)
+                    if pages > free_pages:
+                        admitting = False
+                        continue
                 if len(unit) > requests_left:
                     continue
                 if not in_margin and scheduled and any(s.status != RequestStatus.DECODING for s in unit):
                     break
                 tokens = [self._infer_request_tokens(s, remove_from_waiting) for s in unit]
+                if not admitted:
+                    free_pages -= pages  # reserved from here on, even if it runs nothing this step
                 chunks = _pair_chunks([len(t) for t in tokens], token_budget)
                 if chunks is None:
                     continue
@@ -201,7 +260,9 @@ class TransformersEngine:
 
     `model` is any transformers causal LM; the cache holds `num_blocks` pages of `page_size`
     tokens; a step runs at most `max_batch_tokens` query tokens of at most `max_requests` sequences
-    (a guided request counts two). None leaves a size to transformers' defaults.
+    (a guided request counts two). None leaves a size to transformers' defaults. A configuration
+    that could never run a guided request (fewer than 2 sequences or 2 query tokens a step, fewer
+    than 2 pages) raises ValueError here.
     """
 
     guided_logprobs = True  # logprobs are the guided distribution's (see _draw)
@@ -209,10 +270,14 @@ class TransformersEngine:
     def __init__(self, model, tokenizer, *, num_blocks=None, page_size=256, max_batch_tokens=None,
                  max_requests=None):
         check_engine()
+        for name, value in (("max_requests", max_requests), ("max_batch_tokens", max_batch_tokens),
+                            ("num_blocks", num_blocks)):
+            if value is not None and value < 2:
+                raise ValueError(f"{name} must be at least 2: a guided request is two sequences that "
+                                 f"run in the same steps (got {value})")
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
         from transformers.generation.continuous_batching import scheduler as scheduler_module
-        from transformers.generation.continuous_batching.model_runner import infer_max_single_request_tokens
 
         self.model, self.tokenizer = model, tokenizer
         eos = model.generation_config.eos_token_id
@@ -242,28 +307,38 @@ class TransformersEngine:
         runner = processor.model_runner
         runner._sample = lambda scores, output_ids: self._fused_sample(processor, scores, output_ids)
         self._cache = processor.cache
-        self.max_sequence_tokens = infer_max_single_request_tokens(self._cache)
+        self.page_size = page_size
+        self.capacity_pages = _capacity(self._cache)
+        if min(self.capacity_pages, processor.max_batch_tokens, processor.scheduler.max_requests_per_batch) < 2:
+            raise ValueError(f"this cache ({self.capacity_pages} pages), step ({processor.max_batch_tokens} "
+                             f"tokens) or request limit ({processor.scheduler.max_requests_per_batch}) "
+                             "cannot run a guided request: each needs at least 2")
+        self._scheduler = processor.scheduler
         self._manager.start()
 
     # ------------------------------------------------------------------ front-end interface
 
     def check_fits(self, prompt_ids, negative_ids, params: GuidanceParams):
-        """Raises ValueError when a request could never be held by this engine's KV cache."""
+        """Raises ValueError when a request could never be held by this engine's KV cache: the
+        pages its admission reserves (each branch's prompt plus max_tokens, rounded up to whole
+        pages per branch) exceed the cache's."""
         lengths = [len(ids) + params.max_new_tokens for ids in branches(prompt_ids, negative_ids, params)]
-        if sum(lengths) > self.max_sequence_tokens:
-            raise ValueError(f"the request needs {sum(lengths)} KV-cache tokens (prompt"
-                             f"{' and negative prompt' if len(lengths) > 1 else ''} plus "
-                             f"max_tokens, for each branch); this server's cache holds "
-                             f"{self.max_sequence_tokens}")
+        pages = sum(_pages(self._cache, n) for n in lengths)
+        if pages > self.capacity_pages:
+            raise ValueError(f"the request needs {pages} KV-cache pages of {self.page_size} tokens (its "
+                             f"prompt{' and negative prompt' if len(lengths) > 1 else ''} plus max_tokens, "
+                             f"{' + '.join(map(str, lengths))} tokens, each branch in whole pages); this "
+                             f"server's cache holds {self.capacity_pages}")
 
     async def generate(self, prompt_ids: list[int], negative_ids: list[int] | None,
                        params: GuidanceParams, *, logprobs: int | None = None) -> AsyncIterator[Output]:
         """Runs one request; yields an `Output` per new token, the last with `finished` set.
 
         `negative_ids` is the unconditional branch (None: the prompt's last token); ignored
-        when `params` is unguided. Closing the iterator early (a client gone, a stop string)
+        when `params` is unguided. Raises ValueError when the cache could never hold it. Closing the iterator early (a client gone, a stop string)
         cancels both sequences and frees their cache.
         """
+        self.check_fits(prompt_ids, negative_ids, params)  # else it would wait forever
         request = self._register(prompt_ids, negative_ids, params, logprobs)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()

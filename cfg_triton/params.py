@@ -25,20 +25,30 @@ class ParamError(ValueError):
 def _real(name, value, low, high, *, low_open=False, allow_none=False):
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ParamError(name, f"must be a finite number, got {value!r}")
+    try:
+        finite = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    except OverflowError:  # an integer beyond float range
+        finite = False
+    if not finite:
+        raise ParamError(name, f"must be a finite number, got {_short(value)}")
     if value > high or value < low or (low_open and value == low):
         raise ParamError(name, f"must be in {'(' if low_open else '['}{low:g}, {high:g}], got {value!r}")
     return float(value)
+
+
+def _short(value, limit=40):
+    """`repr(value)` cut to `limit` characters: a client may send a number of thousands of digits."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**limit else f"an integer of {len(str(value))} digits"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _integer(name, value, low, high, *, allow_none=False):
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ParamError(name, f"must be an integer, got {value!r}")
+        raise ParamError(name, f"must be an integer, got {_short(value)}")
     if not low <= value <= high:
-        raise ParamError(name, f"must be in [{low}, {high}], got {value}")
+        raise ParamError(name, f"must be in [{low}, {high}], got {_short(value)}")
     return int(value)
 
 

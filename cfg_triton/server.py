@@ -6,18 +6,17 @@ SillyTavern calls (`GET /v1/internal/model/info`, `POST /v1/internal/encode`, `.
 `.../token-count`). Request bodies are read as plain JSON: unknown fields are ignored (clients send
 dozens of sampler fields), known ones are type- and range-checked, and every bad request gets a 400
 in OpenAI's error shape. The engine behind it (`continuous.TransformersEngine`,
-`vllm.VllmEngine`) has: `tokenizer`, `context_length`, `guided_logprobs` (whether it can report
-the guided distribution's log-probabilities), `running()`, `async stats()` (its counters),
-`check_fits(...)` and `async generate(...)` yielding `Output`s (it raises `EngineUnavailable`
-when it cannot run a request).
+`vllm.VllmEngine`) implements `engine.Engine`; this module knows nothing else of it.
 """
 
-import dataclasses
+import asyncio
 import json
 import logging
 import time
 import uuid
+from functools import lru_cache
 
+from .engine import EngineUnavailable
 from .params import GuidanceParams, ParamError
 
 log = logging.getLogger("cfg_triton.serve")
@@ -30,34 +29,6 @@ _IGNORED_SAMPLERS = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "prese
                      "encoder_repetition_penalty": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 256}
 MAX_LOGPROBS = 20
-
-
-class EngineUnavailable(RuntimeError):
-    """Raised by an engine's `generate` when it cannot run requests (stopped, or a fatal error)."""
-
-
-@dataclasses.dataclass
-class Output:
-    """What a request has produced so far (an engine's `generate` yields one per new token):
-    every generated token, and when finished, why.
-
-    `logprobs` (when asked for) has one (guided log-probability, [(token, logprob)] of the top
-    alternatives) per token of `token_ids`.
-    """
-
-    token_ids: list[int]
-    finished: bool = False
-    finish_reason: str | None = None  # "stop" (an EOS token) or "length"
-    error: str | None = None
-    logprobs: list | None = None
-
-
-def branches(prompt_ids, negative_ids, params) -> list[list[int]]:
-    """The token ids of a request's engine sequences: the prompt, and when guided the negative
-    prompt (None: the prompt's last token, as transformers and text-generation-webui do)."""
-    if not params.guided:
-        return [list(prompt_ids)]
-    return [list(prompt_ids), list(negative_ids if negative_ids is not None else prompt_ids[-1:])]
 
 
 class BadRequest(Exception):
@@ -85,7 +56,31 @@ def _get(body, name, kinds, default=None):
 
 
 def _number(body, name, default=None):
-    return _get(body, name, (int, float), default)
+    value = _get(body, name, (int, float), default)
+    if isinstance(value, int) and value is not default:
+        try:
+            float(value)
+        except OverflowError:  # JSON integers have no range; ours must be floats
+            raise BadRequest(f"{name} must be a finite number, got an integer of {len(str(value))} "
+                             "digits", name) from None
+    return value
+
+
+def _check_strings(value, param=None):
+    """Raises BadRequest for a string that is not valid Unicode text (a lone surrogate such as
+    "\\ud800", which JSON allows): tokenizers and UTF-8 encoders cannot take it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest("text must be valid Unicode (it holds a lone surrogate)", param) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_strings(key, param)
+            _check_strings(item, param or key)
+    elif isinstance(value, list):
+        for item in value:
+            _check_strings(item, param)
 
 
 def _stop_strings(body):
@@ -239,28 +234,129 @@ def _logprobs(body, kind):
     return count
 
 
+class _StopMatcher:
+    """Knuth-Morris-Pratt matching of one stop string against text fed a character at a time.
+
+    `state` is the length of the longest prefix of the stop string that ends the text fed so far.
+    The prefix function is extended only as far as `state` reaches, so a stop string of any length
+    costs work in proportion to the text fed, never to its own length.
+    """
+
+    def __init__(self, stop: str):
+        self.stop, self.prefix, self.state = stop, [0], 0
+
+    def _fail(self, k):  # the prefix function at k - 1, computed on demand
+        stop, prefix = self.stop, self.prefix
+        while len(prefix) < k:
+            i, j = len(prefix), prefix[-1]
+            while j and stop[i] != stop[j]:
+                j = prefix[j - 1]
+            prefix.append(j + (stop[i] == stop[j]))
+        return prefix[k - 1]
+
+    def feed(self, char) -> bool:
+        """Advances by one character; True when the stop string ends here."""
+        k, stop = self.state, self.stop
+        if k == len(stop):
+            k = self._fail(k)
+        while k and stop[k] != char:
+            k = self._fail(k)
+        if stop[k] == char:
+            k += 1
+        self.state = k
+        return k == len(stop)
+
+
 class TextStream:
     """Detokenizes a growing token list into text deltas, holding back what may still change: an
-    incomplete character, or a tail that may grow into a stop string. `stopped` once one appears."""
+    incomplete character, or a tail that may grow into a stop string. `stopped` once one appears.
+
+    Each update costs time in proportion to the new text, whatever the length of the stop strings.
+    """
 
     def __init__(self, tokenizer, stops):
         self.tokenizer, self.stops = tokenizer, stops
         self.sent, self.stopped = "", False
+        self._reset("")
+
+    def _reset(self, text):
+        self.fed, self.cut = "", None  # text fed to the matchers; where the first stop begins
+        self.matchers = [_StopMatcher(s) for s in self.stops]
+        self._feed(text)
+
+    def _feed(self, text):
+        for char in text:
+            self.fed += char
+            ended = [len(m.stop) for m in self.matchers if m.feed(char)]
+            if ended:  # the longest of the stops that end here begins first
+                self.cut = len(self.fed) - max(ended)
+                return
 
     def update(self, token_ids, final=False) -> str:
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            text, self.stopped, final = text[:cut], True, True
+        if not final:  # an incomplete character decodes to U+FFFD until its last byte arrives
+            text = text.rstrip("\ufffd")
+        if self.cut is None:
+            if text.startswith(self.fed):
+                self._feed(text[len(self.fed):])
+            else:  # decoding changed earlier text (rare): match the whole text again
+                self._reset(text)
+        if self.cut is not None:
+            text, self.stopped, final = text[: self.cut], True, True
         if not final:
-            if text.endswith("\ufffd"):
-                text = text[:-1]
-            hold = max((k for s in self.stops for k in range(len(s) - 1, 0, -1)
-                        if text.endswith(s[:k])), default=0)
+            hold = max((m.state for m in self.matchers), default=0)
             text = text[: len(text) - hold]
         delta = text[len(self.sent):] if text.startswith(self.sent) else ""
         self.sent += delta
         return delta
+
+
+@lru_cache(maxsize=8)
+def _byte_decoder() -> dict:
+    """The inverse of byte-level BPE's byte-to-character table (GPT-2's): printable bytes stand
+    for themselves, the others for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+def token_bytes(tokenizer):
+    """A function `token id -> bytes`: the UTF-8 bytes a token contributes to the text, such that
+    a reply's tokens' bytes joined are the reply's text (what OpenAI's logprobs `bytes` carry).
+    Decoding one token alone cannot give them: a token holding part of a character decodes to
+    U+FFFD. Byte-level BPE (GPT-2, SmolLM2) and byte-fallback SentencePiece (Llama, Gemma)
+    tokenizers are read from their vocabulary; others fall back to the decoded text."""
+    try:
+        decoder = json.dumps(json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder"))
+    except (AttributeError, ValueError):
+        decoder = ""
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    decode = lambda t: tokenizer.decode([t]).encode()  # noqa: E731
+    if '"ByteLevel"' in decoder:
+        table = _byte_decoder()
+
+        def byte_level(t):
+            piece = tokenizer.convert_ids_to_tokens(t)
+            if t in special or piece is None or any(c not in table for c in piece):
+                return decode(t)
+            return bytes(table[c] for c in piece)
+        return byte_level
+    if '"ByteFallback"' in decoder:
+        def byte_fallback(t):
+            piece = tokenizer.convert_ids_to_tokens(t)
+            if t in special or piece is None:
+                return decode(t)
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                return bytes([int(piece[3:5], 16)])
+            return piece.replace("\u2581", " ").encode()
+        return byte_fallback
+    return decode
 
 
 def create_app(engine, model_name: str):
@@ -270,6 +366,7 @@ def create_app(engine, model_name: str):
 
     app = FastAPI(title="cfg-triton", docs_url=None, redoc_url=None)
     tokenizer = engine.tokenizer
+    bytes_of = token_bytes(tokenizer)
 
     @app.exception_handler(BadRequest)
     async def bad_request(_, e: BadRequest):
@@ -284,9 +381,11 @@ def create_app(engine, model_name: str):
 
     async def json_body(request: Request):
         try:
-            return json.loads(await request.body() or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError as e:  # JSONDecodeError, bad UTF-8, an integer of over 4,300 digits
             raise BadRequest(f"the request body is not valid JSON: {e}") from None
+        _check_strings(body)
+        return body
 
     @app.get("/health")
     async def health():
@@ -343,7 +442,7 @@ def create_app(engine, model_name: str):
     async def _respond(parsed: ParsedRequest, request: Request):
         if not engine.running():  # before a stream opens: its status can still say so
             return server_error("the engine is not running", 503, "engine_unavailable")
-        shape = _Shape(parsed, model_name, tokenizer)
+        shape = _Shape(parsed, model_name, tokenizer, bytes_of)
         outputs = engine.generate(parsed.prompt_ids, parsed.negative_ids, parsed.params,
                                   logprobs=parsed.logprobs)
         if not parsed.stream:
@@ -351,7 +450,7 @@ def create_app(engine, model_name: str):
             final = None
             try:
                 async with _closing(outputs):
-                    async for final in outputs:
+                    async for final in _until_disconnected(request, outputs):
                         text.update(final.token_ids, final.finished)
                         if text.stopped:
                             break
@@ -385,6 +484,32 @@ def create_app(engine, model_name: str):
     return app
 
 
+async def _until_disconnected(request, outputs):
+    """Yields `outputs` until they end or the client goes (a non-streamed request has no stream
+    to notice that: its client is watched beside the engine's next output). The caller closes
+    `outputs`, which cancels the request's sequences."""
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        while True:
+            step = asyncio.ensure_future(outputs.__anext__())
+            await asyncio.wait({step, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                step.cancel()
+                await asyncio.gather(step, return_exceptions=True)
+                return
+            try:
+                yield step.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        gone.cancel()
+
+
+async def _disconnected(request):
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 class _closing:
     """`async with`: closes an async generator on exit (the engine then cancels its request)."""
 
@@ -401,8 +526,9 @@ class _closing:
 class _Shape:
     """OpenAI's response objects for one request (completion or chat, whole or streamed)."""
 
-    def __init__(self, parsed, model_name, tokenizer):
-        self.parsed, self.model, self.tokenizer = parsed, model_name, tokenizer
+    def __init__(self, parsed, model_name, tokenizer, bytes_of):
+        self.parsed, self.model, self.tokenizer, self.bytes_of = parsed, model_name, tokenizer, bytes_of
+        self.text_offset = 0  # characters of the text before the next token (streamed logprobs)
         chat = parsed.kind == "chat"
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -435,14 +561,15 @@ class _Shape:
         piece = lambda t: self.tokenizer.decode([t])  # noqa: E731
         entries = list(zip(out.token_ids[start:], out.logprobs[start:]))
         if self.parsed.kind == "chat":
-            return {"content": [{"token": piece(t), "logprob": lp, "bytes": list(piece(t).encode()),
+            return {"content": [{"token": piece(t), "logprob": lp, "bytes": list(self.bytes_of(t)),
                                  "top_logprobs": [{"token": piece(a), "logprob": alp,
-                                                   "bytes": list(piece(a).encode())} for a, alp in top]}
+                                                   "bytes": list(self.bytes_of(a))} for a, alp in top]}
                                 for t, (lp, top) in entries]}
-        offsets, at = [], 0
+        offsets, at = [], self.text_offset  # a stream's chunks continue where the last one ended
         for t, _ in entries:
             offsets.append(at)
             at += len(piece(t))
+        self.text_offset = at
         return {"tokens": [piece(t) for t, _ in entries], "token_logprobs": [lp for _, (lp, _) in entries],
                 "top_logprobs": [{piece(a): alp for a, alp in top} for _, (_, top) in entries],
                 "text_offset": offsets}

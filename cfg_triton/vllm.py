@@ -36,6 +36,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 from vllm.v1.sample.logits_processor import LogitsProcessor, MoveDirectionality
 
+from .engine import EngineUnavailable, Output, branches
 from .params import GuidanceParams, sample_requests
 
 TESTED_VLLM = "0.32"
@@ -605,8 +606,8 @@ def _ids(tokenizer, text_or_ids, special):
 # ------------------------------------------------------------------------------ server engine
 
 class VllmEngine:
-    """CFG requests on vLLM's async engine, behind `cfg_triton.server.create_app` (the engine
-    interface described there).
+    """CFG requests on vLLM's async engine, behind `cfg_triton.server.create_app` (implements
+    `cfg_triton.engine.Engine`).
 
     `model` is a checkpoint folder; `engine_kwargs` go to `AsyncEngineArgs` on top of
     `engine_args()`. A guided request is two engine requests (`pair_params`); an unguided one
@@ -634,8 +635,6 @@ class VllmEngine:
 
     def check_fits(self, prompt_ids, negative_ids, params: GuidanceParams):
         """Raises ValueError when a branch could never fit the model's context."""
-        from .server import branches
-
         longest = max(len(ids) for ids in branches(prompt_ids, negative_ids, params))
         if longest + params.max_new_tokens > self.context_length:
             raise ValueError(f"a branch needs {longest + params.max_new_tokens} tokens (its prompt "
@@ -646,8 +645,6 @@ class VllmEngine:
         set. Closing the iterator early aborts both engine requests."""
         from vllm import SamplingParams
         from vllm.v1.engine.exceptions import EngineDeadError
-
-        from .server import EngineUnavailable, Output, branches
 
         if logprobs is not None:
             raise ValueError("this engine does not report guided log-probabilities")

@@ -7,7 +7,9 @@ fewer requests than are submitted, so pairs are offloaded (soft reset) and resum
 """
 import asyncio
 import json
+import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -112,6 +114,20 @@ def test_pair_chunks_never_finish_one_member_alone():
                 assert (chunks[0] == a) == (chunks[1] == b), (a, b, budget, chunks)
 
 
+def test_output_length_counts_tokens_a_soft_reset_moved():
+    """A soft reset moves a sequence's outputs into its prompt; its step (the noise key) goes on."""
+    from transformers.generation.continuous_batching.requests import RequestState
+
+    from cfg_triton.continuous import _output_length
+
+    state = RequestState(request_id="r", initial_tokens=[1, 2, 3], max_new_tokens=8)
+    state.generated_tokens = [4, 5]
+    assert _output_length(state) == 2
+    moved = state.create_equivalent_initial_request()
+    moved.generated_tokens = [6]
+    assert moved.initial_tokens == [1, 2, 3, 4, 5] and _output_length(moved) == 3
+
+
 def test_check_engine_names_a_missing_hook(monkeypatch):
     from cfg_triton import continuous
 
@@ -183,22 +199,22 @@ def test_mixed_batch_per_request_parameters(smollm2, engine, requests):
     assert len({tuple(e) for e in expected}) == len(expected)  # the parameters did differ
 
 
-def test_pairs_survive_cache_exhaustion(smollm2, requests):
-    """A cache of 8 pages (128 tokens) for three pairs that need more: the engine offloads (soft
-    reset) and resumes sequences, and every pair still equals `generate`."""
+def test_pairs_wait_for_cache_instead_of_offloading(smollm2, requests):
+    """A cache of 8 pages (128 tokens) for three pairs that need 12: the pairs that do not fit wait
+    for the reservations of those running (nothing is offloaded), and every pair equals `generate`."""
     model, tok = smollm2
     eng = TransformersEngine(model, tok, page_size=16, num_blocks=8, max_batch_tokens=16, max_requests=8)
     try:
         short = [(p[:20], None if n is None else n[:12], GuidanceParams(guidance_scale=1.5, max_new_tokens=24))
                  for p, n, _ in requests]
         expected = [reference(model, *r) for r in short]
-        offloader = eng._manager.batch_processor.offloading_manager
-        offload, offloads = offloader.offload_requests, []
-        offloader.offload_requests = lambda: offloads.append(len(offloader.scheduler.starved_requests)) or offload()
+        offloads = _offloads(eng)
+        peak = []
+        reserved = eng._scheduler.reserved_pages
+        eng._scheduler.reserved_pages = lambda: peak.append(reserved()) or peak[-1]
         outs = asyncio.run(_run(eng, short))
-        assert sum(offloads) > 0  # sequences were evicted and re-prefilled
         assert [o.token_ids for o in outs] == expected
-        assert not _wait_idle(eng)
+        assert not offloads and 0 < max(peak) <= 8 and not _wait_idle(eng)
         assert eng.counters["degraded_tokens"] == 0 and eng.counters["guided_tokens"] == sum(map(len, expected))
     finally:
         eng.stop()
@@ -494,9 +510,39 @@ def test_serve_command_answers_the_openai_client(tmp_path):
         out = client.completions.create(model="smollm2", prompt=PROMPTS[0], max_tokens=5, temperature=0,
                                         extra_body={"cfg_scale": 1.5})
         assert out.choices[0].text and out.usage.completion_tokens == 5
+        family = descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)  # what a service manager sends
+        assert proc.wait(60) == 0, (tmp_path / "log").read_text()
+        assert not [p for p in family if alive(p)]
     finally:
-        proc.terminate()
-        proc.wait(30)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
+def descendants(pid) -> list[int]:
+    """Every process below `pid` (Linux /proc)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        tasks = os.listdir(f"/proc/{parent}/task") if os.path.isdir(f"/proc/{parent}/task") else []
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def alive(pid) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_serve_command_engine_arguments(capsys):
@@ -512,3 +558,191 @@ def test_serve_command_engine_arguments(capsys):
         with pytest.raises(SystemExit):
             cli.main(["serve", "--engine", "vllm"])
         assert "scripts/install.sh --vllm" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ liveness under pressure
+
+def _offloads(engine):
+    """Counts the engine's offload passes that evicted active sequences (a list, appended to)."""
+    offloader = engine._manager.batch_processor.offloading_manager
+    offload, count = offloader.offload_requests, []
+    offloader.offload_requests = lambda: count.append(len(offloader.scheduler.starved_requests)) or offload()
+    return count
+
+
+async def _run_cut(engine, prompt_ids, negative_ids, params, after):
+    """Runs a request and closes it after `after` tokens, as a stop string or a client hang-up does."""
+    out = None
+    async for out in engine.generate(prompt_ids, negative_ids, params):
+        if len(out.token_ids) >= after:
+            break
+    return out
+
+
+def test_cancellation_beside_a_pair_that_does_not_fit(smollm2, requests):
+    """8 pages for two pairs that need 12: the second waits for the first, which ends by
+    cancellation (a stop string) rather than by finishing; the second then runs, exactly, and the
+    engine takes new requests. Pairs are admitted by whole-life reservation: nothing is offloaded."""
+    model, tok = smollm2
+    eng = TransformersEngine(model, tok, page_size=16, num_blocks=8)
+    try:
+        offloads = _offloads(eng)
+        prompt = requests[1][0]
+        first = (prompt[:21], None, GuidanceParams(guidance_scale=1.5, max_new_tokens=40))  # 4 + 3 pages
+        second = (prompt[:12], None, GuidanceParams(guidance_scale=1.5, max_new_tokens=30))  # 3 + 2 pages
+
+        async def both():
+            cut = asyncio.create_task(_run_cut(eng, *first, after=10))
+            await asyncio.sleep(0)
+            return await asyncio.wait_for(asyncio.gather(cut, _run(eng, [second])), 120)
+
+        cut, (whole,) = asyncio.run(both())
+        assert len(cut.token_ids) == 10 and whole.token_ids == reference(model, *second)
+        third = (prompt[:5], None, GuidanceParams(guidance_scale=1.5, max_new_tokens=4))
+        assert asyncio.run(asyncio.wait_for(_run(eng, [third]), 60))[0].token_ids == reference(model, *third)
+        assert not offloads and not _wait_idle(eng) and eng.counters["degraded_tokens"] == 0
+    finally:
+        eng.stop()
+
+
+def test_two_pairs_that_fit_only_one_at_a_time(smollm2, requests):
+    """10 pages, 32 tokens a step: two guided requests of 8 pages each, sent at once, both end and
+    both equal `generate` (the second is admitted when the first's pages are free)."""
+    model, tok = smollm2
+    eng = TransformersEngine(model, tok, page_size=16, num_blocks=10, max_batch_tokens=32, max_requests=2)
+    try:
+        prompt = requests[1][0][:21]
+        params = GuidanceParams(guidance_scale=1.5, max_new_tokens=40)
+        pair = [(prompt, prompt, params), (prompt, prompt[:20], params)]
+        outs = asyncio.run(asyncio.wait_for(_run(eng, pair), 180))
+        assert [o.token_ids for o in outs] == [reference(model, *r) for r in pair]
+        assert not _wait_idle(eng)
+    finally:
+        eng.stop()
+
+
+def test_admission_counts_whole_pages_per_branch(smollm2, engine):
+    """A pair is two sequences, each rounded up to whole pages: branches of 65 and 63 tokens need
+    5 + 4 pages, more than 8 pages of 16 tokens hold, although 128 tokens would."""
+    model, tok = smollm2
+    eng = TransformersEngine(model, tok, page_size=16, num_blocks=8)
+    try:
+        params = GuidanceParams(guidance_scale=1.5, max_new_tokens=33)
+        with pytest.raises(ValueError, match="needs 9 KV-cache pages"):
+            eng.check_fits([1] * 32, [2] * 30, params)
+        eng.check_fits([1] * 31, [2] * 30, params)  # 64 + 63 tokens: 4 + 4 pages
+    finally:
+        eng.stop()
+
+
+@pytest.mark.parametrize("limits", [dict(max_requests=1), dict(max_batch_tokens=1), dict(num_blocks=1)])
+def test_configurations_that_cannot_run_a_pair_are_refused(smollm2, limits):
+    model, tok = smollm2
+    with pytest.raises(ValueError, match="at least 2"):
+        TransformersEngine(model, tok, page_size=16, **{"num_blocks": 8, **limits})
+
+
+def test_non_streamed_request_ends_when_its_client_goes(server, engine):
+    """A client that hangs up on a non-streamed request frees the engine long before max_tokens."""
+    body = json.dumps({"prompt": PROMPTS[0], "max_tokens": 200, "temperature": 0,
+                       "guidance_scale": 1.5}).encode()
+    host, port = server.removeprefix("http://").split(":")
+    before = engine.counters["guided_tokens"]
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 30
+        while engine.counters["guided_tokens"] - before < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert not _wait_idle(engine, 10)
+    assert engine.counters["guided_tokens"] - before < 100
+
+
+def test_text_stream_long_stop_strings_cost_the_text_only():
+    """Stop strings of 400,000 characters: 300 updates take milliseconds, not the event loop."""
+    from cfg_triton.server import TextStream
+
+    class Chars:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(map(chr, ids))
+
+    stream = TextStream(Chars(), ["a" * 400_000 + "b", "ab" * 200_000])
+    start = time.monotonic()
+    for n in range(1, 301):
+        assert stream.update([ord("a")] * n) == ""  # all of it may still become a stop string
+    assert time.monotonic() - start < 2.0
+    assert stream.update([ord("a")] * 300 + [ord("c")]) == "a" * 300 + "c" and not stream.stopped
+
+
+def test_text_stream_replacement_character_stop():
+    """A stop string U+FFFD matches a real U+FFFD, not a character whose bytes are still arriving."""
+    from cfg_triton.server import TextStream
+
+    class Chars:  # 0xFFFD stands for an incomplete character until the update is final
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(map(chr, ids))
+
+    stream = TextStream(Chars(), ["\ufffd"])
+    assert stream.update([ord("a"), 0xFFFD]) == "a" and not stream.stopped
+    assert stream.update([ord("a"), ord("é")]) == "é" and not stream.stopped
+    stream = TextStream(Chars(), ["\ufffd"])
+    assert stream.update([ord("a"), 0xFFFD], final=True) == "a" and stream.stopped
+
+
+def test_token_bytes_join_into_the_text(smollm2):
+    """Byte-level BPE pieces of an emoji are not characters; their bytes still join into the text."""
+    from cfg_triton.server import token_bytes
+
+    _, tok = smollm2
+    bytes_of = token_bytes(tok)
+    text = "Hi 😀 there ü, 你好!"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert any("\ufffd" in tok.decode([t]) for t in ids)  # single tokens decode to U+FFFD
+    assert b"".join(bytes_of(t) for t in ids) == text.encode()
+
+
+def test_numbers_beyond_float_range_and_lone_surrogates_answer_400(server):
+    """... and the keep-alive connection serves the next request."""
+    import httpx
+
+    bodies = [b'{"prompt": "x", "guidance_scale": 1' + b"0" * 400 + b"}",
+              b'{"prompt": "x", "temperature": ' + b"1" * 5000 + b"}",
+              b'{"prompt": "x", "top_p": -1' + b"0" * 400 + b"}",
+              json.dumps({"prompt": "\ud800"}).encode(),
+              json.dumps({"prompt": "x", "negative_prompt": "\udfff", "guidance_scale": 1.5}).encode(),
+              json.dumps({"prompt": "x", "stop": ["\ud800"]}).encode()]
+    with httpx.Client(timeout=30) as client:
+        for body in bodies:
+            r = client.post(server + "/v1/completions", content=body,
+                            headers={"content-type": "application/json"})
+            assert r.status_code == 400, (body[:60], r.text)
+            assert r.json()["error"]["type"] == "invalid_request_error"
+        r = client.post(server + "/v1/internal/encode", content=json.dumps({"text": "\ud800"}))
+        assert r.status_code == 400
+        assert client.get(server + "/health").status_code == 200
+        assert client.post(server + "/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
+
+
+def test_logprobs_bytes_and_streamed_offsets(server):
+    """Chat logprobs' bytes join into the reply; streamed completions' text_offset continue from
+    chunk to chunk and equal the whole response's."""
+    import httpx
+
+    messages = [{"role": "user", "content": "Write three emojis about the sea, nothing else."}]
+    r = httpx.post(server + "/v1/chat/completions", timeout=60, json={
+        "messages": messages, "max_tokens": 12, "temperature": 0, "logprobs": True, "top_logprobs": 2,
+        "guidance_scale": 1.5}).json()
+    content = r["choices"][0]["logprobs"]["content"]
+    for entry in content:  # a distribution over the vocabulary: its top entries hold at most all of it
+        assert sum(math.exp(t["logprob"]) for t in entry["top_logprobs"]) <= 1 + 1e-5
+        assert entry["logprob"] == pytest.approx(max(t["logprob"] for t in entry["top_logprobs"]))
+    assert bytes(b for entry in content for b in entry["bytes"]).decode() == r["choices"][0]["message"]["content"]
+    body = {"prompt": PROMPTS[2], "max_tokens": 10, "temperature": 0, "logprobs": 1, "guidance_scale": 1.5}
+    whole = httpx.post(server + "/v1/completions", json=body, timeout=60).json()["choices"][0]["logprobs"]
+    offsets = []
+    with httpx.stream("POST", server + "/v1/completions", json={**body, "stream": True}, timeout=60) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                lp = json.loads(line[6:])["choices"][0]["logprobs"]
+                offsets += lp["text_offset"] if lp else []
+    assert offsets == whole["text_offset"] and offsets[-1] > 0
