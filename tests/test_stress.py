@@ -76,7 +76,10 @@ def _play_transformers(model, seed, cache):
             else:
                 assert tokens == expected[: len(tokens)], where
         assert engine.counters["degraded_tokens"] == 0, seed
+        steps = engine.counters["steps"]
         assert _idle(engine) is None, (seed, _idle(engine, 0))
+        # A cancellation takes effect at the next step: a step already scheduled may still run.
+        assert engine.counters["steps"] - steps <= 1, (seed, "sequences outlived their request")
         after = GuidanceParams(guidance_scale=1.5, max_new_tokens=2)
         last = asyncio.run(play(engine, type(schedule)(seed, {}, [type(schedule.items[0])(
             [1, 2], None, after, 0.0, None)]), timeout=30))
