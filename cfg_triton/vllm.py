@@ -153,6 +153,9 @@ def pair_params(params: GuidanceParams, seed: int, sampling_params=None):
                              f"row after the guided token is forced (set it to {neutral!r})")
     if getattr(base, "n", 1) != 1:
         raise ValueError("n must be 1 with guidance (one completion per pair)")
+    if getattr(base, "structured_outputs", None) is not None:
+        raise ValueError("structured_outputs is not supported with guidance on vLLM: its grammar "
+                         "mask would apply per row after the guided token is forced")
     pair = uuid.uuid4().hex
     tags = dataclasses.asdict(params)
     tags.update(seed=seed, pair=pair)
@@ -331,6 +334,11 @@ class PairScheduler(Scheduler):
             problems.append("long_prefill_token_threshold (0)")
         if self.vllm_config.speculative_config is not None:
             problems.append("speculative decoding")
+        if self.max_num_running_reqs < 2:
+            problems.append(f"max_num_seqs={self.max_num_running_reqs} (a pair is two sequences: at least 2)")
+        if config.max_num_batched_tokens < 2:
+            problems.append(f"max_num_batched_tokens={config.max_num_batched_tokens} (a pair's decode "
+                            "step is two tokens: at least 2)")
         if problems:
             raise ValueError("cfg_triton's PairScheduler does not support " + ", ".join(problems))
         self._partner: dict[str, str] = {}
@@ -350,8 +358,11 @@ class PairScheduler(Scheduler):
         cond, uncond = (request, first) if tag["role"] == "cond" else (first, request)
         self._partner[cond.request_id] = uncond.request_id
         self._partner[uncond.request_id] = cond.request_id
-        super().add_request(cond)
-        super().add_request(uncond)
+        # The longer member queues first: it can prefill its chunks alone (all but its last token)
+        # while the shorter one waits, whereas a short first member that cannot complete without
+        # a partner longer than the step budget would hold the queue's head forever.
+        for member in sorted((cond, uncond), key=lambda r: -r.num_tokens):
+            super().add_request(member)
 
     def finish_requests(self, request_ids, finished_status):
         if isinstance(request_ids, str):
@@ -555,7 +566,8 @@ def generate(llm, prompts, negative_prompts=None, *, guidance_scale: float = 1.5
     (None, or a None entry) is the prompt's last token. `sampling_params` (a vLLM
     `SamplingParams`) gives temperature, top-k, top-p, min-p, `max_tokens`, stop strings and stop
     tokens; `params` (a `GuidanceParams`) may be given instead of γ, α and the sampling fields.
-    `seed` (or `sampling_params.seed`) keys the noise of every request (request i: seed + i);
+    `seed` (or `sampling_params.seed`) keys the noise of every request (request i: seed + i, wrapped into
+    the signed 64-bit range);
     unset, each pair draws its own.
     """
     from vllm import SamplingParams
@@ -572,25 +584,58 @@ def generate(llm, prompts, negative_prompts=None, *, guidance_scale: float = 1.5
     if len(negative_prompts) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
     engine = llm.llm_engine
-    pending = {}
+    context = llm.llm_engine.model_config.max_model_len
+    # Everything is checked before anything is submitted; a submission that fails anyway takes
+    # back what was added, so the engine is left as it was found (as vLLM's own generate does).
+    requests = []
     for i, (prompt, negative) in enumerate(zip(prompts, negative_prompts)):
         ids = _ids(tokenizer, prompt, special=True)
-        request_seed = params.seed + i if params.seed is not None else secrets.randbits(63)
-        cond_params, uncond_params = pair_params(params, request_seed, base)
         uncond_ids = ids[-1:] if negative is None else _ids(tokenizer, negative, special=False)
-        rid = f"cfg-{uuid.uuid4().hex}"
-        engine.add_request(rid, {"prompt_token_ids": ids}, cond_params)
-        engine.add_request(rid + "/uncond", {"prompt_token_ids": uncond_ids}, uncond_params)
-        pending[rid] = i
+        longest = max(len(ids), len(uncond_ids))
+        if longest + params.max_new_tokens > context:
+            raise ValueError(f"prompt {i}: a branch of {longest} tokens plus max_tokens "
+                             f"({params.max_new_tokens}) exceeds max_model_len ({context})")
+        request_seed = _seed_of(params.seed, i) if params.seed is not None else secrets.randbits(63)
+        requests.append((f"cfg-{uuid.uuid4().hex}", ids, uncond_ids, *pair_params(params, request_seed, base)))
+    pending, added, last = {}, [], {}
+    try:
+        for i, (rid, ids, uncond_ids, cond_params, uncond_params) in enumerate(requests):
+            added += [rid, rid + "/uncond"]
+            engine.add_request(rid, {"prompt_token_ids": ids}, cond_params)
+            engine.add_request(rid + "/uncond", {"prompt_token_ids": uncond_ids}, uncond_params)
+            pending[rid] = i
+    except BaseException:
+        engine.abort_request(added)
+        raise
     results: list[Completion | None] = [None] * len(prompts)
-    while pending:
-        for output in engine.step():
-            if output.request_id in pending and output.finished:
-                i = pending.pop(output.request_id)
-                done = output.outputs[0]
-                results[i] = Completion(list(done.token_ids), done.text, done.finish_reason, done.logprobs)
-                engine.abort_request([output.request_id + "/uncond"])
+    try:
+        while pending:
+            for output in engine.step():
+                last[output.request_id] = output
+                if output.request_id in pending and output.finished:
+                    results[pending.pop(output.request_id)] = _completion(output, output.outputs[0].finish_reason)
+                    engine.abort_request([output.request_id + "/uncond"])
+            if pending and not engine.has_unfinished_requests():
+                # Ended without a final output (a member aborted from outside takes its partner).
+                for rid, i in pending.items():
+                    results[i] = _completion(last.get(rid), "abort")
+                pending = {}
+    except BaseException:
+        engine.abort_request([r for rid in pending for r in (rid, rid + "/uncond")])
+        raise
     return results
+
+
+def _seed_of(seed: int, i: int) -> int:
+    """Request i's seed, `seed + i` wrapped into the signed 64-bit range seeds are kept in."""
+    return (seed + i + 2**63) % 2**64 - 2**63
+
+
+def _completion(output, reason) -> Completion:
+    if output is None:
+        return Completion([], "", reason)
+    done = output.outputs[0]
+    return Completion(list(done.token_ids), done.text, reason, done.logprobs)
 
 
 def _ids(tokenizer, text_or_ids, special):

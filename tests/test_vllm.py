@@ -193,6 +193,18 @@ def test_refused_parameters(llm):
                          ("min_tokens", 3), ("logit_bias", {1: 2.0}), ("bad_words", ["x"])):
         with pytest.raises(ValueError, match=field):
             cv.generate(llm, PROMPTS[:1], sampling_params=SamplingParams(max_tokens=4, **{field: value}))
+    with pytest.raises(ValueError, match="structured_outputs"):
+        from vllm.sampling_params import StructuredOutputsParams
+
+        cv.generate(llm, PROMPTS[:1], sampling_params=SamplingParams(
+            max_tokens=4, structured_outputs=StructuredOutputsParams(choice=["yes", "no"])))
+    # Bad inputs are refused before anything is submitted: the engine is left empty and serves on.
+    for prompts, negatives in (([PROMPTS[0], PROMPTS[1]], [None, ""]),
+                               ([PROMPTS[0], PROMPTS[1]], [None, "word " * 600])):
+        with pytest.raises(ValueError):
+            cv.generate(llm, prompts, negatives, params=GREEDY)
+        assert not llm.llm_engine.has_unfinished_requests()
+    assert llm.generate([{"prompt_token_ids": [1, 2]}], SamplingParams(max_tokens=2), use_tqdm=False)
     # A tagged request the processor would not control (not greedy in vLLM) is refused by vLLM.
     cond, _ = cv.pair_params(GREEDY, 1)
     cond.temperature = 1.0
@@ -200,6 +212,19 @@ def test_refused_parameters(llm):
 
     with pytest.raises((ValueError, VLLMValidationError), match="temperature 0"):
         llm.generate([{"prompt_token_ids": [1, 2]}], cond, use_tqdm=False)
+
+
+def test_any_seed_serves_any_number_of_prompts(llm):
+    """Request i is seeded seed + i, wrapped: the largest seed still seeds the second prompt."""
+    params = GuidanceParams(guidance_scale=1.5, temperature=0.8, seed=2**63 - 1, max_new_tokens=4)
+    first = cv.generate(llm, PROMPTS[:2], params=params)
+    again = cv.generate(llm, PROMPTS[1:2], params=dataclasses.replace(params, seed=-(2**63)))
+    assert all(o.token_ids for o in first) and first[1].token_ids == again[0].token_ids
+
+
+def test_pairs_need_two_sequence_slots(checkpoint, in_process):
+    with pytest.raises(Exception, match="max_num_seqs=1"):
+        _engine(checkpoint, max_num_seqs=1)
 
 
 def test_counters_are_read_from_the_engine_files(llm):
@@ -216,6 +241,14 @@ def test_small_token_budget_chunks_every_prefill(checkpoint, in_process, referen
         before = cv.counters()
         out = cv.generate(engine, PROMPTS, NEGATIVES, params=GREEDY)
         _check(out, PROMPTS, NEGATIVES, GREEDY, reference)
+        # A one-token prompt whose negative prompt is longer than a step: the longer member
+        # queues first and prefills alone; the one-token member never holds the queue's head.
+        tok = reference.tokenizer
+        one = tok(PROMPTS[0]).input_ids[:1]
+        out = cv.generate(engine, [one], [NEGATIVES[2]], params=GREEDY)
+        model_tokens = cfg_triton.generate(reference.model, torch.tensor([one]), negative_input_ids=torch.tensor(
+            [tok(NEGATIVES[2], add_special_tokens=False).input_ids]), **GREEDY.generate_kwargs())[0, 1:].tolist()
+        assert out[0].token_ids == model_tokens[: len(out[0].token_ids)] and out[0].token_ids
         assert _delta(before, engine)["degraded_tokens"] == 0
     finally:
         _close(engine)
