@@ -97,6 +97,14 @@ def test_transformers_engine_random_schedules(tiny_llama):
     assert {"done", "cancelled"} <= set(statuses)
 
 
+@pytest.mark.model
+def test_transformers_engine_schedule_that_stopped_the_offloading_engine(tiny_llama):
+    """Schedule 52 (8 pages of 8 tokens, pairs that fit alone but not together): the engine that
+    admitted pairs by their token sum and offloaded under pressure died there ("No requests can
+    be scheduled and no requests can be offloaded"), failing every request."""
+    assert "done" in _play_transformers(tiny_llama, 52, {})
+
+
 @pytest.mark.slow
 def test_transformers_engine_random_schedules_long(tiny_llama):
     statuses, cache = [], {}
