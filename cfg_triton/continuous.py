@@ -171,19 +171,14 @@ def _scheduler_class():
             return sum(_pages(self.cache, len(s.initial_tokens) + (s.max_new_tokens or 0)) for s in unit)
 
         def reserved_pages(self) -> int:
-            """Pages reserved by the admitted units (those with a member active)."""
-            units, seen = [], set()
-            for rid, state in self.active_requests.items():
-                if rid in seen:
-                    continue
+            """Pages reserved by the admitted units: their active members and the partners of
+            those still queued."""
+            members = dict(self.active_requests)
+            for rid in self.active_requests:
                 partner = self.partners.get(rid)
-                unit = [state]
-                if partner is not None:
-                    seen.add(partner)
-                    other = self.active_requests.get(partner) or self.waiting_requests.get(partner)
-                    unit += [other] if other is not None else []
-                units.append(unit)
-            return sum(self.unit_pages(u) for u in units)
+                if partner in self.waiting_requests:
+                    members[partner] = self.waiting_requests[partner]
+            return self.unit_pages(members.values())
 
         def clear_cancelled_requests(self):
             cancelled = super().clear_cancelled_requests()
@@ -270,11 +265,6 @@ class TransformersEngine:
     def __init__(self, model, tokenizer, *, num_blocks=None, page_size=256, max_batch_tokens=None,
                  max_requests=None):
         check_engine()
-        for name, value in (("max_requests", max_requests), ("max_batch_tokens", max_batch_tokens),
-                            ("num_blocks", num_blocks)):
-            if value is not None and value < 2:
-                raise ValueError(f"{name} must be at least 2: a guided request is two sequences that "
-                                 f"run in the same steps (got {value})")
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
         from transformers.generation.continuous_batching import scheduler as scheduler_module
@@ -335,8 +325,9 @@ class TransformersEngine:
         """Runs one request; yields an `Output` per new token, the last with `finished` set.
 
         `negative_ids` is the unconditional branch (None: the prompt's last token); ignored
-        when `params` is unguided. Raises ValueError when the cache could never hold it. Closing the iterator early (a client gone, a stop string)
-        cancels both sequences and frees their cache.
+        when `params` is unguided. Raises ValueError when the cache could never hold it.
+        Closing the iterator early (a client gone, a stop string) cancels both sequences and
+        frees their cache.
         """
         self.check_fits(prompt_ids, negative_ids, params)  # else it would wait forever
         request = self._register(prompt_ids, negative_ids, params, logprobs)

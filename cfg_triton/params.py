@@ -32,13 +32,15 @@ def _real(name, value, low, high, *, low_open=False, allow_none=False):
     if not finite:
         raise ParamError(name, f"must be a finite number, got {_short(value)}")
     if value > high or value < low or (low_open and value == low):
-        raise ParamError(name, f"must be in {'(' if low_open else '['}{low:g}, {high:g}], got {value!r}")
+        raise ParamError(name, f"must be in {'(' if low_open else '['}{low:g}, {high:g}], got {_short(value)}")
     return float(value)
 
 
 def _short(value, limit=40):
     """`repr(value)` cut to `limit` characters: a client may send a number of thousands of digits."""
-    text = repr(value) if not isinstance(value, int) or abs(value) < 10**limit else f"an integer of {len(str(value))} digits"
+    if isinstance(value, int) and abs(value) >= 10**limit:  # repr of over 4,300 digits raises
+        return f"an integer of {len(str(value))} digits"
+    text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
 
 

@@ -56,14 +56,7 @@ def _get(body, name, kinds, default=None):
 
 
 def _number(body, name, default=None):
-    value = _get(body, name, (int, float), default)
-    if isinstance(value, int) and value is not default:
-        try:
-            float(value)
-        except OverflowError:  # JSON integers have no range; ours must be floats
-            raise BadRequest(f"{name} must be a finite number, got an integer of {len(str(value))} "
-                             "digits", name) from None
-    return value
+    return _get(body, name, (int, float), default)  # range and finiteness: GuidanceParams
 
 
 def _check_strings(value, param=None):

@@ -566,9 +566,8 @@ def generate(llm, prompts, negative_prompts=None, *, guidance_scale: float = 1.5
     (None, or a None entry) is the prompt's last token. `sampling_params` (a vLLM
     `SamplingParams`) gives temperature, top-k, top-p, min-p, `max_tokens`, stop strings and stop
     tokens; `params` (a `GuidanceParams`) may be given instead of γ, α and the sampling fields.
-    `seed` (or `sampling_params.seed`) keys the noise of every request (request i: seed + i, wrapped into
-    the signed 64-bit range);
-    unset, each pair draws its own.
+    `seed` (or `sampling_params.seed`) keys the noise of every request (request i: seed + i,
+    wrapped into the signed 64-bit range); unset, each pair draws its own.
     """
     from vllm import SamplingParams
 
@@ -584,17 +583,14 @@ def generate(llm, prompts, negative_prompts=None, *, guidance_scale: float = 1.5
     if len(negative_prompts) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
     engine = llm.llm_engine
-    context = llm.llm_engine.model_config.max_model_len
+    context = engine.model_config.max_model_len
     # Everything is checked before anything is submitted; a submission that fails anyway takes
     # back what was added, so the engine is left as it was found (as vLLM's own generate does).
     requests = []
     for i, (prompt, negative) in enumerate(zip(prompts, negative_prompts)):
         ids = _ids(tokenizer, prompt, special=True)
         uncond_ids = ids[-1:] if negative is None else _ids(tokenizer, negative, special=False)
-        longest = max(len(ids), len(uncond_ids))
-        if longest + params.max_new_tokens > context:
-            raise ValueError(f"prompt {i}: a branch of {longest} tokens plus max_tokens "
-                             f"({params.max_new_tokens}) exceeds max_model_len ({context})")
+        _check_context([ids, uncond_ids], params.max_new_tokens, context, f"prompt {i}: ")
         request_seed = _seed_of(params.seed, i) if params.seed is not None else secrets.randbits(63)
         requests.append((f"cfg-{uuid.uuid4().hex}", ids, uncond_ids, *pair_params(params, request_seed, base)))
     pending, added, last = {}, [], {}
@@ -624,6 +620,14 @@ def generate(llm, prompts, negative_prompts=None, *, guidance_scale: float = 1.5
         engine.abort_request([r for rid in pending for r in (rid, rid + "/uncond")])
         raise
     return results
+
+
+def _check_context(branch_ids, max_new_tokens, context, where=""):
+    """Raises ValueError when a branch plus `max_new_tokens` exceeds the model's context."""
+    longest = max(len(ids) for ids in branch_ids)
+    if longest + max_new_tokens > context:
+        raise ValueError(f"{where}a branch needs {longest + max_new_tokens} tokens (its prompt plus "
+                         f"max_tokens); the engine's context (max_model_len) is {context}")
 
 
 def _seed_of(seed: int, i: int) -> int:
@@ -680,10 +684,7 @@ class VllmEngine:
 
     def check_fits(self, prompt_ids, negative_ids, params: GuidanceParams):
         """Raises ValueError when a branch could never fit the model's context."""
-        longest = max(len(ids) for ids in branches(prompt_ids, negative_ids, params))
-        if longest + params.max_new_tokens > self.context_length:
-            raise ValueError(f"a branch needs {longest + params.max_new_tokens} tokens (its prompt "
-                             f"plus max_tokens); the engine's context is {self.context_length}")
+        _check_context(branches(prompt_ids, negative_ids, params), params.max_new_tokens, self.context_length)
 
     async def generate(self, prompt_ids, negative_ids, params: GuidanceParams, *, logprobs=None):
         """Runs one request; yields a `server.Output` per new token, the last with `finished`
